@@ -1,0 +1,5 @@
+"""``python -m luanbd``: the same as the ``luanbd`` command."""
+
+from luanbd.cli import main
+
+raise SystemExit(main())
