@@ -1,0 +1,264 @@
+"""One opened export of one connection: capabilities asked once, emulation, locking.
+
+This is nbdkit's ``backend.c`` + the emulation half of ``plugins.c``: zero emulated by
+pwrite, FUA by flush, cache by pread, and fast zero refused when it would be emulated.
+Requests reaching this layer were validated by ``protocol.transmission.validate_request``;
+the preconditions are asserted again here, not re-checked.
+"""
+
+from __future__ import annotations
+
+import errno
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from luanbd.backend.interface import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_MAY_TRIM,
+    FLAG_REQ_ONE,
+    CacheMode,
+    FuaMode,
+    Handle,
+    Plugin,
+    PluginError,
+)
+from luanbd.protocol.constants import MAX_REQUEST_SIZE, TransmissionFlag
+
+#: Zero emulation writes at most this much per pwrite: big enough to be quick, small enough
+#: not to make the plugin (a Lua string) allocate 64 MiB for one WRITE_ZEROES.
+ZERO_EMULATION_CHUNK = 1024 * 1024
+_ZEROES = bytes(ZERO_EMULATION_CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Every capability of one handle, asked once at open (nbdkit protocol_common_open)."""
+
+    size: int
+    can_write: bool
+    can_flush: bool
+    is_rotational: bool
+    can_trim: bool
+    can_zero: bool
+    can_fast_zero: bool
+    can_extents: bool
+    can_fua: FuaMode
+    can_multi_conn: bool
+    can_cache: CacheMode
+    block_size: tuple[int, int, int] | None
+    description: bytes | None
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        """Transmission flags (without SEND_DF, which depends on structured replies)."""
+        f = TransmissionFlag.HAS_FLAGS
+        if not self.can_write:
+            f |= TransmissionFlag.READ_ONLY
+        else:
+            # Zeroing can always be emulated with pwrite, so it is always advertised.
+            f |= TransmissionFlag.SEND_WRITE_ZEROES
+            if self.can_trim:
+                f |= TransmissionFlag.SEND_TRIM
+            if self.can_fua is not FuaMode.NONE:
+                f |= TransmissionFlag.SEND_FUA
+            if self.can_fast_zero:
+                f |= TransmissionFlag.SEND_FAST_ZERO
+        if self.can_flush:
+            f |= TransmissionFlag.SEND_FLUSH
+        if self.is_rotational:
+            f |= TransmissionFlag.ROTATIONAL
+        if self.can_multi_conn:
+            f |= TransmissionFlag.CAN_MULTI_CONN
+        if self.can_cache is not CacheMode.NONE:
+            f |= TransmissionFlag.SEND_CACHE
+        return f
+
+
+class BackendContext:
+    """A plugin handle and its cached capabilities; every plugin call holds ``lock``."""
+
+    def __init__(self, plugin: Plugin, lock: AbstractContextManager[object], *,
+                 readonly: bool) -> None:
+        self.plugin = plugin
+        self.lock = lock
+        self.readonly = readonly
+        self.handle: Handle = None
+        self.caps: Capabilities | None = None
+        self._open = False
+
+    def open(self) -> Capabilities:
+        """Open the plugin handle and ask every capability once.  Raises PluginError."""
+        p = self.plugin
+        with self.lock:
+            self.handle = h = p.open(self.readonly)
+            self._open = True
+            try:
+                size = p.get_size(h)
+                # With -r the plugin's can_write is not consulted (as nbdkit).
+                can_write = False if self.readonly else p.can_write(h)
+                can_zero = can_write and p.can_zero(h)
+                self.caps = Capabilities(
+                    size=size,
+                    can_write=can_write,
+                    can_flush=p.can_flush(h),
+                    is_rotational=p.is_rotational(h),
+                    can_trim=can_write and p.can_trim(h),
+                    can_zero=can_zero,
+                    can_fast_zero=can_write and p.can_fast_zero(h),
+                    can_extents=p.can_extents(h),
+                    can_fua=p.can_fua(h) if can_write else FuaMode.NONE,
+                    can_multi_conn=p.can_multi_conn(h),
+                    can_cache=p.can_cache(h),
+                    block_size=p.block_size(h),
+                    description=p.export_description(h),
+                )
+            except BaseException:
+                self._close_locked()
+                raise
+        return self.caps
+
+    def close(self) -> None:
+        """Close the handle (errors are the plugin's to log; they cannot reach a client)."""
+        if self._open:
+            with self.lock:
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._open = False
+        self.plugin.close(self.handle)
+
+    @property
+    def _caps(self) -> Capabilities:
+        assert self.caps is not None, "export not open"
+        return self.caps
+
+    def _assert_range(self, count: int, offset: int) -> None:
+        assert count > 0 and offset + count <= self._caps.size, (count, offset)
+
+    # --- data calls ---------------------------------------------------------------------
+    def pread(self, count: int, offset: int) -> bytes | memoryview:
+        self._assert_range(count, offset)
+        assert count <= MAX_REQUEST_SIZE
+        with self.lock:
+            return self.plugin.pread(self.handle, count, offset, 0)
+
+    def pwrite(self, buf: bytes, offset: int, fua: bool) -> None:
+        self._assert_range(len(buf), offset)
+        assert self._caps.can_write
+        native = self._fua_native(fua)
+        with self.lock:
+            self.plugin.pwrite(self.handle, buf, offset, FLAG_FUA if native else 0)
+            if fua and not native:
+                self.plugin.flush(self.handle, 0)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.plugin.flush(self.handle, 0)
+
+    def trim(self, count: int, offset: int, fua: bool) -> None:
+        self._assert_range(count, offset)
+        assert self._caps.can_trim
+        native = self._fua_native(fua)
+        with self.lock:
+            self.plugin.trim(self.handle, count, offset, FLAG_FUA if native else 0)
+            if fua and not native:
+                self.plugin.flush(self.handle, 0)
+
+    def zero(self, count: int, offset: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
+        """WRITE_ZEROES: the plugin's zero, else pwrite of zeroes (never for a fast zero)."""
+        self._assert_range(count, offset)
+        caps = self._caps
+        assert caps.can_write
+        native = self._fua_native(fua)
+        with self.lock:
+            if caps.can_zero:
+                flags = ((FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if native else 0)
+                         | (FLAG_FAST_ZERO if fast else 0))
+                try:
+                    self.plugin.zero(self.handle, count, offset, flags)
+                except PluginError as err:
+                    # ENOTSUP/EOPNOTSUPP from zero means "emulate me", unless the client
+                    # asked for a fast zero, which emulation never is.
+                    if fast or err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                else:
+                    if fua and not native:
+                        self.plugin.flush(self.handle, 0)
+                    return
+            elif fast:
+                raise PluginError("zero", "fast zero is not supported", errno.ENOTSUP)
+            while count:
+                chunk = min(count, ZERO_EMULATION_CHUNK)
+                buf = _ZEROES if chunk == ZERO_EMULATION_CHUNK else _ZEROES[:chunk]
+                self.plugin.pwrite(self.handle, buf, offset, 0)
+                offset += chunk
+                count -= chunk
+            if fua:
+                self.plugin.flush(self.handle, 0)
+
+    def cache(self, count: int, offset: int) -> None:
+        self._assert_range(count, offset)
+        mode = self._caps.can_cache
+        assert mode is not CacheMode.NONE
+        with self.lock:
+            if mode is CacheMode.NATIVE:
+                self.plugin.cache(self.handle, count, offset, 0)
+                return
+            while count:  # EMULATE: read and throw away, as nbdkit does
+                chunk = min(count, MAX_REQUEST_SIZE)
+                self.plugin.pread(self.handle, chunk, offset, 0)
+                offset += chunk
+                count -= chunk
+
+    def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int]]:
+        """base:allocation descriptors (length, flags) covering [offset, offset+count)."""
+        self._assert_range(count, offset)
+        if not self._caps.can_extents:
+            return [(count, 0)]  # without extents the whole range is allocated data
+        with self.lock:
+            raw = self.plugin.extents(self.handle, count, offset, FLAG_REQ_ONE if req_one else 0)
+        return clip_extents(raw, count, offset, req_one)
+
+    def _fua_native(self, fua: bool) -> bool:
+        return fua and self._caps.can_fua is FuaMode.NATIVE
+
+
+def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int,
+                 req_one: bool) -> list[tuple[int, int]]:
+    """Validate, clip and merge plugin extents as nbdkit's ``extents.c`` does.
+
+    Extents must be ascending and contiguous; those wholly before ``offset`` are ignored,
+    the first kept one must cover ``offset``, and the list is clipped at offset+count.
+    """
+    end = offset + count
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for e_offset, e_length, e_type in raw:
+        if e_length <= 0:
+            continue
+        e_end = e_offset + e_length
+        if e_end <= pos and not out:
+            continue  # before the range
+        if e_offset > pos:
+            what = "first extent" if not out else "extents"
+            raise PluginError("extents", f"{what} must be contiguous and cover the offset "
+                                         f"(expected {pos}, got {e_offset})")
+        if e_offset < pos and out:
+            raise PluginError("extents", "extents must be added in ascending order")
+        e_type &= EXTENT_HOLE | EXTENT_ZERO
+        length = min(e_end, end) - pos
+        if out and out[-1][1] == e_type:
+            out[-1] = (out[-1][0] + length, e_type)
+        else:
+            out.append((length, e_type))
+        pos += length
+        if pos >= end:
+            break
+    if not out:
+        raise PluginError("extents", "the plugin returned no extent covering the offset")
+    if req_one:
+        out = out[:1]
+    return out

@@ -1,0 +1,35 @@
+"""What a plugin may ask about the connection it is serving (nbdkit_export_name & co).
+
+Each connection thread registers its :class:`ConnectionInfo`; helpers called from plugin
+code read the one of the calling thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    export_name: bytes | None = None
+    is_tls: bool = False
+    peer_name: str = ""
+    #: Ask the connection to close: False = after in-flight requests, True = at once.
+    disconnect: Callable[[bool], None] = field(default=lambda force: None)
+
+
+_local = threading.local()
+
+#: Set by the server: asks the whole server to shut down (nbdkit_shutdown).
+request_shutdown: Callable[[], None] = lambda: None
+
+
+def set_connection(info: ConnectionInfo | None) -> None:
+    _local.info = info
+
+
+def connection() -> ConnectionInfo | None:
+    info: ConnectionInfo | None = getattr(_local, "info", None)
+    return info

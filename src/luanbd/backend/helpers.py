@@ -1,0 +1,59 @@
+"""nbdkit's helper functions (nbdkit-plugin(3) "PARSING ...") in Python, shared by the CLI
+and the ``nbdkit`` table of Lua scripts.  Each raises ValueError with nbdkit's message."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+
+_SIZE = re.compile(r"\s*(\d+)\s*([bBkKmMgGtTpPeEsS]?)\s*\Z")
+_SCALE = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
+          "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+#: nbdkit sizes are int64: anything larger is an error, not a wrap-around.
+MAX_SIZE = (1 << 63) - 1
+
+
+def parse_size(text: str) -> int:
+    """``"100M"`` -> 104857600 (powers of 1024; ``s`` = 512-byte sectors)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"could not parse size string ({text})")
+    value = int(m.group(1)) * _SCALE[m.group(2).lower()]
+    if value > MAX_SIZE:
+        raise ValueError(f"size ({text}) exceeds maximum value")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"could not decipher boolean ({text})")
+
+
+def read_password(value: str) -> str:
+    """``-`` asks on the terminal, ``-FD`` reads a file descriptor, ``+FILE`` reads a file,
+    anything else is the password itself."""
+    if value == "-":
+        return getpass.getpass("password: ")
+    if value.startswith("-") and value[1:].isdigit():
+        with os.fdopen(int(value[1:]), "rb", closefd=False) as f:
+            data = f.read()
+    elif value.startswith("+"):
+        with open(value[1:], "rb") as f:
+            data = f.read()
+    else:
+        return value
+    return data.decode().rstrip("\n")
+
+
+def realpath(path: str) -> str:
+    """nbdkit_realpath: the canonical absolute path of an existing file."""
+    if not os.path.exists(path):
+        raise ValueError(f"realpath: {path}: No such file or directory")
+    return os.path.realpath(path)

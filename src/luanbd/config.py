@@ -1,0 +1,46 @@
+"""ServerConfig: everything the command line decides, and the only place defaults live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from luanbd.log import LogTo
+from luanbd.protocol.constants import HandshakeFlag
+from luanbd.protocol.handshake import TlsMode
+
+#: nbdkit's (and IANA's) NBD port.
+DEFAULT_PORT = 10809
+#: nbdkit's default number of worker threads per connection for parallel plugins.
+DEFAULT_THREADS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    script: str
+    #: key=value pairs for the plugin's config(), in command-line order.
+    params: tuple[tuple[str, str], ...] = ()
+    #: Bare arguments after the script: config(magic_config_key, arg) or an error.
+    extra_args: tuple[str, ...] = ()
+    lua: str = "5.4"
+    foreground: bool = False
+    unix_socket: str | None = None
+    #: ``-U -``: a private socket in a temporary directory, removed at exit.
+    private_socket: bool = False
+    port: int | None = None
+    ipaddr: str | None = None
+    ip_family: int = 0  # 0 = any; 4 or 6 with -4/-6
+    pidfile: str | None = None
+    readonly: bool = False
+    export_name: str = ""
+    oldstyle: bool = False
+    run: str | None = None
+    single: bool = False
+    exit_with_parent: bool = False
+    threads: int = DEFAULT_THREADS
+    verbose: bool = False
+    structured_replies: bool = True
+    meta_contexts: bool = True
+    handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+    tls: TlsMode = TlsMode.OFF
+    log_to: LogTo | None = None
+    debug_flags: tuple[str, ...] = field(default=())

@@ -1,0 +1,62 @@
+"""Log lines in nbdkit's shape: ``luanbd: error: pread: plugin.lua:12: message``.
+
+Errors always go out; debug lines only with ``-v``.  Once the server has forked into the
+background the lines go to syslog instead of stderr, as nbdkit's do.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import threading
+
+PROGRAM = "luanbd"
+
+
+class LogTo(enum.Enum):
+    STDERR = "stderr"
+    SYSLOG = "syslog"
+    NULL = "null"
+
+
+_lock = threading.Lock()
+verbose = False
+_destination = LogTo.STDERR
+
+
+def set_destination(destination: LogTo) -> None:
+    global _destination
+    if destination is LogTo.SYSLOG:
+        import syslog
+
+        syslog.openlog(PROGRAM, syslog.LOG_PID, syslog.LOG_DAEMON)
+    _destination = destination
+
+
+def _emit(level: str, message: str) -> None:
+    # One line per message: a multi-line plugin error would otherwise look like several.
+    text = message.replace("\n", "\\n")
+    if _destination is LogTo.NULL:
+        return
+    if _destination is LogTo.SYSLOG:
+        import syslog
+
+        syslog.syslog(syslog.LOG_ERR if level == "error" else syslog.LOG_DEBUG,
+                      f"{level}: {text}")
+        return
+    line = f"{PROGRAM}: {level}: {text}\n"
+    with _lock:
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def error(message: str) -> None:
+    _emit("error", message)
+
+
+def debug(message: str) -> None:
+    if verbose:
+        _emit("debug", message)

@@ -1,0 +1,92 @@
+-- The Lua half of luanbd's binding, run in every plugin's Lua state before the script.
+-- It builds the global `nbdkit` table and returns the function through which every callback
+-- is called.  `py` holds the few primitives that must be done in Python.
+local py = ...
+local type, tostring, pcall, error, select = type, tostring, pcall, error, select
+local getmetatable, format, floor = getmetatable, string.format, math.floor
+
+local nbdkit = {
+  -- errno values (Linux), as nbdkit plugins know them
+  EPERM = 1, ENOENT = 2, EIO = 5, ENOMEM = 12, EINVAL = 22, EFBIG = 27, ENOSPC = 28,
+  EROFS = 30, EOVERFLOW = 75, ENOTSUP = 95, EOPNOTSUPP = 95, ESHUTDOWN = 108,
+  -- flags passed to data callbacks (nbdkit-plugin(3) NBDKIT_FLAG_*)
+  FLAG_MAY_TRIM = 1, FLAG_FUA = 2, FLAG_REQ_ONE = 4, FLAG_FAST_ZERO = 8,
+  -- can_fua / can_cache answers
+  FUA_NONE = 0, FUA_EMULATE = 1, FUA_NATIVE = 2,
+  CACHE_NONE = 0, CACHE_EMULATE = 1, CACHE_NATIVE = 2,
+  -- extent types
+  EXTENT_HOLE = 1, EXTENT_ZERO = 2,
+}
+
+local last_errno = 0
+
+local function is_integer(v)
+  return type(v) == "number" and v == floor(v)
+end
+
+local function check(name, i, v, want)
+  local ok
+  if want == "integer" then ok = is_integer(v) else ok = type(v) == want end
+  if not ok then
+    error(format("bad argument #%d to 'nbdkit.%s' (%s expected, got %s)",
+                 i, name, want, type(v)), 3)
+  end
+end
+
+-- Call a Python primitive that answers (value) or (nil, message); raise the message.
+local function prim(name, ...)
+  local v, msg = py[name](...)
+  if msg ~= nil then error(tostring(msg), 3) end
+  return v
+end
+
+function nbdkit.set_error(err)
+  check("set_error", 1, err, "integer")
+  last_errno = err
+end
+
+function nbdkit.debug(fmt, ...)
+  check("debug", 1, fmt, "string")
+  if py.verbose() then py.debug(format(fmt, ...)) end
+end
+
+function nbdkit.parse_size(s) check("parse_size", 1, s, "string"); return prim("parse_size", s) end
+function nbdkit.parse_bool(s) check("parse_bool", 1, s, "string"); return prim("parse_bool", s) end
+function nbdkit.read_password(s)
+  check("read_password", 1, s, "string"); return prim("read_password", s)
+end
+function nbdkit.realpath(s) check("realpath", 1, s, "string"); return prim("realpath", s) end
+function nbdkit.export_name() return prim("export_name") end
+function nbdkit.is_tls() return prim("is_tls") end
+function nbdkit.peer_name() return prim("peer_name") end
+function nbdkit.shutdown() return prim("shutdown") end
+function nbdkit.disconnect(force)
+  if force ~= nil then check("disconnect", 1, force, "boolean") end
+  return prim("disconnect", force == true)
+end
+function nbdkit.version() return prim("version") end
+
+_G.nbdkit = nbdkit
+
+-- Turn any error value into a message as lua.c's message handler does, so that
+-- error({}) logs something readable instead of nbdkit's "(null)".
+local function finish(ok, ...)
+  if ok then return true, ... end
+  local e = ...
+  local t = type(e)
+  local msg
+  if t == "string" or t == "number" then
+    msg = tostring(e)
+  else
+    local mt = getmetatable(e)
+    if mt and mt.__tostring then msg = tostring(e)
+    else msg = "(error object is a " .. t .. " value)" end
+  end
+  return false, msg, last_errno
+end
+
+-- call(f, ...) -> true, results... | false, message, errno
+return function(f, ...)
+  last_errno = 0
+  return finish(pcall(f, ...))
+end

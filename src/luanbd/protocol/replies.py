@@ -1,0 +1,56 @@
+"""Reply encoders for the transmission phase: simple and structured (proto.md "Replies").
+
+Each returns a list of buffers so that large READ payloads are sent without being copied.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from luanbd.protocol.constants import (
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_HEADER,
+    STRUCTURED_REPLY_MAGIC,
+    NbdError,
+    ReplyFlag,
+    ReplyType,
+)
+
+Buffers = list[bytes | memoryview]
+
+_U64 = struct.Struct(">Q")
+_ERROR_PAYLOAD = struct.Struct(">IH")
+_U32 = struct.Struct(">I")
+_DESCRIPTOR = struct.Struct(">II")
+
+
+def simple_reply(cookie: int, error: NbdError = NbdError.OK,
+                 data: bytes | memoryview | None = None) -> Buffers:
+    """A simple reply; ``data`` follows it for a successful READ."""
+    header = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+    return [header] if data is None else [header, data]
+
+
+def read_chunk_reply(cookie: int, offset: int, data: bytes | memoryview) -> Buffers:
+    """A successful READ as one NBD_REPLY_TYPE_OFFSET_DATA chunk with the DONE flag."""
+    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                          ReplyType.OFFSET_DATA, cookie, 8 + len(data))
+    return [header + _U64.pack(offset), data]
+
+
+def error_chunk_reply(cookie: int, error: NbdError, message: bytes = b"") -> Buffers:
+    """A final NBD_REPLY_TYPE_ERROR chunk."""
+    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                          ReplyType.ERROR, cookie, 6 + len(message))
+    return [header + _ERROR_PAYLOAD.pack(error, len(message)) + message]
+
+
+def block_status_reply(cookie: int, context_id: int,
+                       extents: Iterable[tuple[int, int]]) -> Buffers:
+    """A final NBD_REPLY_TYPE_BLOCK_STATUS chunk of (length, flags) descriptors."""
+    body = b"".join(_DESCRIPTOR.pack(length, flags) for length, flags in extents)
+    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                          ReplyType.BLOCK_STATUS, cookie, 4 + len(body))
+    return [header + _U32.pack(context_id) + body]

@@ -1,0 +1,183 @@
+"""The transmission phase, sans-IO: request parsing and validation (proto.md "Transmission").
+
+:class:`RequestParser` turns client bytes into :class:`Request` objects.  ``validate_request``
+checks a request against the negotiated :class:`Session` in nbdkit's order
+(``server/protocol.c`` ``validate_request``), so a plugin never sees an out-of-range,
+unadvertised or oversized request.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from luanbd.protocol.constants import (
+    MAX_REQUEST_SIZE,
+    REQUEST_HEADER,
+    REQUEST_MAGIC,
+    Cmd,
+    CmdFlag,
+    TransmissionFlag,
+)
+from luanbd.protocol.errors import ProtocolViolation, RequestError
+from luanbd.protocol.handshake import NEED_DATA, Negotiated, _NeedData
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One client request.  ``cmd`` is a plain int when the command is unknown."""
+
+    cmd: Cmd | int
+    flags: int
+    #: Opaque value echoed in the reply (called "handle" before proto.md 3.x).
+    cookie: int
+    offset: int
+    length: int
+    #: The payload of NBD_CMD_WRITE; None for other commands and for oversize writes,
+    #: whose payload was read and dropped so that the stream stays in step.
+    data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What was negotiated and what validation depends on."""
+
+    export_name: bytes
+    size: int
+    flags: TransmissionFlag
+    structured_replies: bool
+    base_allocation_id: int | None
+
+    @classmethod
+    def from_negotiated(cls, negotiated: Negotiated) -> Session:
+        return cls(negotiated.export_name, negotiated.size, negotiated.flags,
+                   negotiated.structured_replies, negotiated.base_allocation_id)
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.flags & TransmissionFlag.READ_ONLY)
+
+
+_KNOWN_CMDS = frozenset(int(c) for c in Cmd)
+_KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE
+                   | CmdFlag.FAST_ZERO)
+_HEADER_SIZE = REQUEST_HEADER.size
+#: Below this much consumed input we do not bother compacting the buffer.
+_COMPACT_AT = 64 * 1024
+
+
+class RequestParser:
+    """Incremental parser of the request stream."""
+
+    def __init__(self, initial: bytes = b"") -> None:
+        self._buffer = bytearray(initial)
+        self._pos = 0
+        self._discard = 0
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add client bytes."""
+        if self._discard:
+            view = memoryview(data)
+            taken = min(self._discard, len(view))
+            self._discard -= taken
+            data = view[taken:]
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet parsed."""
+        return len(self._buffer) - self._pos
+
+    def next_request(self) -> Request | _NeedData:
+        """The next complete request, or ``NEED_DATA``.  Raises ProtocolViolation."""
+        buf = self._buffer
+        pos = self._pos
+        if self._discard or len(buf) - pos < _HEADER_SIZE:
+            self._compact()
+            return NEED_DATA
+        magic, flags, cmd, cookie, offset, length = REQUEST_HEADER.unpack_from(buf, pos)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolViolation(f"invalid request: 'magic' field is incorrect (0x{magic:x})")
+        if cmd in _KNOWN_CMDS:
+            cmd = Cmd(cmd)
+        data = None
+        end = pos + _HEADER_SIZE
+        if cmd is Cmd.WRITE:
+            if length > MAX_REQUEST_SIZE:
+                # Too big to buffer: drop the payload as it arrives; validation answers ENOMEM.
+                available = min(length, len(buf) - end)
+                self._discard = length - available
+                end += available
+            else:
+                if len(buf) - end < length:
+                    self._compact()
+                    return NEED_DATA
+                data = bytes(buf[end:end + length])
+                end += length
+        self._pos = end
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        return Request(cmd, flags, cookie, offset, length, data)
+
+    def _compact(self) -> None:
+        if self._pos >= _COMPACT_AT or (self._pos and self._pos == len(self._buffer)):
+            del self._buffer[: self._pos]
+            self._pos = 0
+
+
+def validate_request(request: Request, session: Session) -> None:
+    """Raise :class:`RequestError` with nbdkit's errno if the request may not reach the plugin."""
+    cmd, flags, offset, length = request.cmd, request.flags, request.offset, request.length
+    sflags = session.flags
+
+    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and session.read_only:
+        raise RequestError(errno.EROFS, "write request on readonly connection")
+
+    if cmd in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS):
+        if length == 0 or offset + length > session.size:
+            code = errno.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else errno.EINVAL
+            raise RequestError(code, f"{cmd}: offset and count are out of range: "
+                                     f"offset={offset} count={length}")
+    elif cmd is Cmd.FLUSH:
+        if offset != 0 or length != 0:
+            raise RequestError(errno.EINVAL, f"{cmd}: expecting offset and count = 0")
+    else:
+        raise RequestError(errno.EINVAL, f"unknown command ({cmd}) ignored")
+
+    if flags & ~_KNOWN_FLAGS:
+        raise RequestError(errno.EINVAL, f"{cmd}: unknown flag (0x{flags & ~_KNOWN_FLAGS:x})")
+    if flags & CmdFlag.NO_HOLE and cmd is not Cmd.WRITE_ZEROES:
+        raise RequestError(errno.EINVAL, f"{cmd}: NO_HOLE flag needs WRITE_ZEROES request")
+    if flags & CmdFlag.FAST_ZERO:
+        if cmd is not Cmd.WRITE_ZEROES:
+            raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag needs WRITE_ZEROES request")
+        if not sflags & TransmissionFlag.SEND_FAST_ZERO:
+            raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag not supported")
+    if flags & CmdFlag.DF:
+        if cmd is not Cmd.READ:
+            raise RequestError(errno.EINVAL, f"{cmd}: DF flag needs READ request")
+        if not session.structured_replies:
+            raise RequestError(errno.EINVAL, f"{cmd}: DF flag needs structured replies")
+    if flags & CmdFlag.REQ_ONE and cmd is not Cmd.BLOCK_STATUS:
+        raise RequestError(errno.EINVAL, f"{cmd}: REQ_ONE flag needs BLOCK_STATUS request")
+    if flags & CmdFlag.FUA and not sflags & TransmissionFlag.SEND_FUA:
+        raise RequestError(errno.EINVAL, f"{cmd}: FUA flag not supported")
+
+    if cmd in (Cmd.READ, Cmd.WRITE) and length > MAX_REQUEST_SIZE:
+        raise RequestError(errno.ENOMEM, f"{cmd}: data request is too large "
+                                         f"({length} > {MAX_REQUEST_SIZE})")
+
+    if cmd is Cmd.FLUSH and not sflags & TransmissionFlag.SEND_FLUSH:
+        raise RequestError(errno.EINVAL, f"{cmd}: flush operation not supported")
+    if cmd is Cmd.TRIM and not sflags & TransmissionFlag.SEND_TRIM:
+        raise RequestError(errno.EINVAL, f"{cmd}: trim operation not supported")
+    if cmd is Cmd.WRITE_ZEROES and not sflags & TransmissionFlag.SEND_WRITE_ZEROES:
+        raise RequestError(errno.EINVAL, f"{cmd}: zero operation not supported")
+    if cmd is Cmd.CACHE and not sflags & TransmissionFlag.SEND_CACHE:
+        raise RequestError(errno.EINVAL, f"{cmd}: cache operation not supported")
+    if cmd is Cmd.BLOCK_STATUS:
+        if not session.structured_replies:
+            raise RequestError(errno.EINVAL, f"{cmd}: structured replies was not negotiated")
+        if session.base_allocation_id is None:
+            raise RequestError(errno.EINVAL, f"{cmd}: base:allocation was not negotiated")

@@ -1,0 +1,1 @@
+"""All I/O and lifecycle: listening sockets, connections, captive mode, daemonising."""

@@ -1,0 +1,303 @@
+"""One client connection: drives the handshake machine, then the request loop.
+
+Thread per connection with a blocking socket.  All NBD parsing and encoding is in
+``luanbd.protocol``; plugin calls go through ``backend.context.BackendContext``, whose lock
+covers the plugin call only, so a client that stays silent in the handshake holds nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import traceback
+from typing import TYPE_CHECKING
+
+from luanbd import log
+from luanbd.backend import current
+from luanbd.backend.context import BackendContext
+from luanbd.backend.interface import PluginError
+from luanbd.protocol.constants import Cmd, CmdFlag, Opt, Rep, TransmissionFlag
+from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
+from luanbd.protocol.handshake import (
+    NEED_DATA,
+    AbortRequested,
+    ExportInfo,
+    ExportInfoRequested,
+    ExportListRequested,
+    ExportNameRequested,
+    ServerHandshake,
+    StartTlsRequested,
+    oldstyle_greeting,
+)
+from luanbd.protocol.replies import (
+    Buffers,
+    block_status_reply,
+    error_chunk_reply,
+    read_chunk_reply,
+    simple_reply,
+)
+from luanbd.protocol.transmission import Request, RequestParser, Session, validate_request
+
+if TYPE_CHECKING:
+    from luanbd.server.service import Service
+
+#: Size of the receive buffer: holds many pipelined request headers or a good part of a write.
+RECV_SIZE = 256 * 1024
+#: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
+MAX_IOV = 1024
+
+
+class ClientGone(Exception):
+    """The client closed the connection (or it was shut down under us)."""
+
+
+class Connection:
+    """Serve one client from greeting to close."""
+
+    def __init__(self, service: Service, sock: socket.socket, number: int, peer: str) -> None:
+        self.service = service
+        self.sock = sock
+        self.number = number
+        self.peer = peer
+        self.ctx: BackendContext | None = None
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._closing = False
+        self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def run(self) -> None:
+        current.set_connection(self.info)
+        log.debug(f"conn {self.number}: accepted connection from {self.peer or 'local'}")
+        try:
+            with self.service.locks.connection():
+                self._preconnect()
+                if self.service.config.oldstyle:
+                    self._oldstyle()
+                else:
+                    self._newstyle()
+        except ProtocolViolation as err:
+            log.error(f"conn {self.number}: {err}")
+        except (ClientGone, ConnectionError, TimeoutError):
+            log.debug(f"conn {self.number}: client closed the connection")
+        except PluginError as err:
+            log.error(str(err))
+        except OSError as err:
+            log.debug(f"conn {self.number}: {err}")
+        except Exception as err:  # a bug of ours: keep serving the other clients
+            log.error(f"conn {self.number}: internal error: {err!r}")
+            if log.verbose:
+                traceback.print_exc()
+        finally:
+            self._close_export()
+            current.set_connection(None)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            log.debug(f"conn {self.number}: closed")
+
+    def disconnect(self, force: bool) -> None:
+        """nbdkit_disconnect: close at once (force) or after the request being served."""
+        self._closing = True
+        if force:
+            self.shutdown_read()
+
+    def shutdown_read(self) -> None:
+        """Wake a recv() blocked on this connection (server shutdown): it sees EOF."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    # --- I/O ----------------------------------------------------------------------------
+    def _recv(self) -> memoryview:
+        n = self.sock.recv_into(self._buf)
+        if n == 0:
+            raise ClientGone
+        return self._view[:n]
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self.sock.sendall(data)
+
+    def _send_buffers(self, buffers: Buffers) -> None:
+        """Send a batch of replies with as few syscalls as possible (sendmsg gathers)."""
+        sock = self.sock
+        while buffers:
+            batch = buffers[:MAX_IOV]
+            sent = sock.sendmsg(batch)
+            total = sum(len(b) for b in batch)
+            if sent < total:
+                # Partial send: drop what went out, send the rest of this batch plainly.
+                rest = []
+                for b in batch:
+                    if sent >= len(b):
+                        sent -= len(b)
+                        continue
+                    rest.append(memoryview(b)[sent:])
+                    sent = 0
+                for b in rest:
+                    sock.sendall(b)
+            buffers = buffers[MAX_IOV:]
+
+    # --- handshake ----------------------------------------------------------------------
+    def _preconnect(self) -> None:
+        plugin = self.service.plugin
+        with self.service.request_lock:
+            plugin.preconnect(self.service.config.readonly)
+
+    def _oldstyle(self) -> None:
+        info = self._open_export(b"")
+        flags = info.flags | TransmissionFlag.HAS_FLAGS
+        flags &= ~TransmissionFlag.SEND_DF
+        self._send(oldstyle_greeting(info.size, flags))
+        self._transmission(Session(b"", info.size, flags, False, None), b"")
+
+    def _newstyle(self) -> None:
+        hs = ServerHandshake(self.service.handshake_config)
+        while not hs.finished:
+            event = hs.next_event()
+            if event is NEED_DATA:
+                self._send(hs.data_to_send())
+                hs.receive_data(self._recv())
+                continue
+            queued = hs.data_to_send()
+            if isinstance(event, AbortRequested):
+                self._send(queued)
+                log.debug(f"conn {self.number}: client sent NBD_OPT_ABORT")
+                return
+            if isinstance(event, ExportListRequested):
+                self._send(queued + self._list_reply(hs))
+            elif isinstance(event, ExportInfoRequested):
+                self._send(queued + self._info_reply(hs, event))
+            elif isinstance(event, ExportNameRequested):
+                self._send(queued)
+                info = self._open_export(event.export_name)
+                self._send(hs.export_name_reply(info))
+            elif isinstance(event, StartTlsRequested):
+                raise ProtocolViolation("STARTTLS accepted without TLS support")
+        self._send(hs.data_to_send())
+        negotiated = hs.negotiated
+        if negotiated is None:
+            return
+        log.debug(f"conn {self.number}: negotiated export '{negotiated.export_name!r}' "
+                  f"flags {negotiated.flags}")
+        self._transmission(Session.from_negotiated(negotiated), negotiated.trailing_data)
+
+    def _list_reply(self, hs: ServerHandshake) -> bytes:
+        service = self.service
+        try:
+            with service.request_lock:
+                exports = service.plugin.list_exports(service.config.readonly, False)
+        except PluginError as err:
+            log.error(str(err))
+            return hs.option_error_reply(Rep.ERR_PLATFORM, "could not list exports")
+        return hs.export_list_reply([(name, desc or b"") for name, desc in exports])
+
+    def _info_reply(self, hs: ServerHandshake, event: ExportInfoRequested) -> bytes:
+        if self.service.shutting_down.is_set():
+            return hs.option_error_reply(Rep.ERR_SHUTDOWN, "server is shutting down")
+        self._close_export()  # a GO after an INFO opens afresh, as nbdkit does
+        try:
+            info = self._open_export(event.export_name)
+        except PluginError as err:
+            log.error(str(err))
+            return hs.option_error_reply(Rep.ERR_UNKNOWN, "could not open the export")
+        reply = hs.export_info_reply(info)
+        if event.option is Opt.INFO:  # INFO only looks: close it again
+            self._close_export()
+        return reply
+
+    def _open_export(self, name: bytes) -> ExportInfo:
+        service = self.service
+        readonly = service.config.readonly
+        canonical: bytes | None = name
+        if name == b"":
+            with service.request_lock:
+                canonical = service.plugin.default_export(readonly, False)
+            if canonical is None:
+                raise PluginError("default_export", "the default export is not available")
+        self.info.export_name = canonical
+        ctx = BackendContext(service.plugin, service.request_lock, readonly=readonly)
+        caps = ctx.open()
+        self.ctx = ctx
+        return ExportInfo(size=caps.size, flags=caps.flags, name=canonical,
+                          description=caps.description, block_size=caps.block_size)
+
+    def _close_export(self) -> None:
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            ctx.close()
+
+    # --- transmission -------------------------------------------------------------------
+    def _transmission(self, session: Session, trailing: bytes) -> None:
+        parser = RequestParser(trailing)
+        handle = self._handle
+        out: Buffers = []
+        while True:
+            while True:
+                request = parser.next_request()
+                if request is NEED_DATA:
+                    break
+                assert isinstance(request, Request)
+                if request.cmd is Cmd.DISC:
+                    self._send_buffers(out)
+                    log.debug(f"conn {self.number}: client sent NBD_CMD_DISC")
+                    return
+                out += handle(request, session)
+            if out:
+                self._send_buffers(out)
+                out = []
+            if self._closing:
+                return
+            parser.receive_data(self._recv())
+
+    def _handle(self, req: Request, session: Session) -> Buffers:
+        ctx = self.ctx
+        assert ctx is not None
+        cmd = req.cmd
+        try:
+            if self.service.shutting_down.is_set() or self._closing:
+                raise RequestError(errno.ESHUTDOWN, "server is shutting down")
+            validate_request(req, session)
+            flags = req.flags
+            if cmd is Cmd.READ:
+                data = ctx.pread(req.length, req.offset)
+                if session.structured_replies:
+                    return read_chunk_reply(req.cookie, req.offset, data)
+                return simple_reply(req.cookie, data=data)
+            if cmd is Cmd.WRITE:
+                assert req.data is not None
+                ctx.pwrite(req.data, req.offset, bool(flags & CmdFlag.FUA))
+            elif cmd is Cmd.FLUSH:
+                ctx.flush()
+            elif cmd is Cmd.TRIM:
+                ctx.trim(req.length, req.offset, bool(flags & CmdFlag.FUA))
+            elif cmd is Cmd.WRITE_ZEROES:
+                ctx.zero(req.length, req.offset, may_trim=not flags & CmdFlag.NO_HOLE,
+                         fua=bool(flags & CmdFlag.FUA), fast=bool(flags & CmdFlag.FAST_ZERO))
+            elif cmd is Cmd.CACHE:
+                ctx.cache(req.length, req.offset)
+            elif cmd is Cmd.BLOCK_STATUS:
+                assert session.base_allocation_id is not None
+                extents = ctx.extents(req.length, req.offset, bool(flags & CmdFlag.REQ_ONE))
+                return block_status_reply(req.cookie, session.base_allocation_id, extents)
+            return simple_reply(req.cookie)
+        except RequestError as err:
+            log.error(f"invalid request: {err}")
+            code = err.errno
+        except PluginError as err:
+            log.error(str(err))
+            code = err.errno
+        error = nbd_error_for(code, req.flags)
+        if session.structured_replies and cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
+            return error_chunk_reply(req.cookie, error)
+        return simple_reply(req.cookie, error)
+
+
+def start_thread(conn: Connection) -> threading.Thread:
+    thread = threading.Thread(target=conn.run, name=f"conn-{conn.number}", daemon=True)
+    thread.start()
+    return thread

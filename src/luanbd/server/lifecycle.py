@@ -1,0 +1,202 @@
+"""Start-up and shutdown in nbdkit's order.
+
+load -> config... -> config_complete -> get_ready -> bind -> fork -> pidfile -> after_fork
+-> serve (-> --run command) -> stop listening -> finish connections -> cleanup -> unload.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from types import FrameType
+
+from luanbd import __version__, log
+from luanbd.backend import current
+from luanbd.backend.interface import StartupError
+from luanbd.config import DEFAULT_PORT, ServerConfig
+from luanbd.log import LogTo
+from luanbd.lua.plugin import CALLBACKS, LuaPlugin
+from luanbd.server import captive
+from luanbd.server.listener import BindError, Listener, bind_tcp, bind_unix
+from luanbd.server.service import Service
+
+#: How long connections get to finish their in-flight request when the server stops.
+SHUTDOWN_TIMEOUT = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def load_plugin(config: ServerConfig) -> LuaPlugin:
+    """Load the script and pass it the configuration (not config_complete)."""
+    plugin = LuaPlugin(config.script, lua=config.lua)
+    plugin.load()
+    params = list(config.params)
+    if config.extra_args:
+        magic = plugin.string_global("magic_config_key")
+        if magic is None:
+            raise StartupError(f"expecting key=value on the command line but got: "
+                               f"{config.extra_args[0]}")
+        params += [(magic, arg) for arg in config.extra_args]
+    for key, value in params:
+        plugin.config(key, value)
+    return plugin
+
+
+def dump_plugin(plugin: LuaPlugin) -> None:
+    """nbdkit-style ``key=value`` lines, then the script's own dump_plugin output."""
+    lines = [
+        f"path={os.path.abspath(plugin.script)}",
+        f"name={plugin.string_global('name') or 'lua'}",
+        f"version={plugin.string_global('version') or __version__}",
+        f"api_version={plugin.api_version}",
+        f"thread_model={plugin.thread_model}",
+        f"lua_version={plugin.lua_version}",
+    ]
+    lines += [f"has_{name}=1" for name in CALLBACKS if plugin.has(name)]
+    print("\n".join(lines), flush=True)
+    plugin.dump_plugin()
+
+
+def print_help(script: str | None, usage: str, script_help: str) -> int:
+    print(usage)
+    print(script_help)
+    if script is not None:
+        try:
+            plugin = LuaPlugin(script)
+        except StartupError as err:
+            log.error(str(err))
+            return 1
+        text = plugin.string_global("config_help")
+        if text:
+            print(text)
+    return 0
+
+
+def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
+    """Run the server (or ``--dump-plugin``) and return the exit status."""
+    log.verbose = config.verbose
+    if config.log_to is not None:
+        log.set_destination(config.log_to)
+    try:
+        plugin = load_plugin(config)
+        if dump_plugin:
+            globals()["dump_plugin"](plugin)
+            return 0
+        plugin.config_complete()
+        plugin.get_ready()
+    except StartupError as err:
+        log.error(str(err))
+        return 1
+    return _serve(plugin, config)
+
+
+def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
+    service = Service(plugin, config)
+    current.request_shutdown = service.request_shutdown
+    private_dir: str | None = None
+    listener: Listener | None = None
+    endpoint = captive.Endpoint(export_name=config.export_name)
+    try:
+        if not config.single:
+            if config.private_socket or config.unix_socket:
+                if config.private_socket:
+                    private_dir = tempfile.mkdtemp(prefix="luanbd")
+                    path = os.path.join(private_dir, "socket")
+                else:
+                    assert config.unix_socket is not None
+                    path = os.path.abspath(config.unix_socket)
+                listener = Listener([bind_unix(path)])
+                endpoint = captive.Endpoint(unix_socket=path, export_name=config.export_name)
+            else:
+                port = config.port or DEFAULT_PORT
+                listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
+                endpoint = captive.Endpoint(port=port, export_name=config.export_name)
+        if not config.foreground:
+            _daemonize(config)
+        if config.pidfile:
+            with open(config.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        plugin.after_fork()
+    except (BindError, StartupError, OSError) as err:
+        log.error(str(err))
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+        return 1
+
+    _install_signals(service)
+    if config.exit_with_parent:
+        _exit_with_parent()
+    status = 0
+    try:
+        if config.single:
+            sock = socket.socket(fileno=os.dup(0))
+            service.serve_here(sock)
+        else:
+            assert listener is not None
+            listener.start(service.handle)
+            if config.run is not None:
+                result: list[int] = []
+
+                def run_captive() -> None:
+                    result.append(captive.run_command(config.run or "", endpoint))
+                    service.request_shutdown()
+
+                threading.Thread(target=run_captive, name="captive", daemon=True).start()
+                service.stop.wait()
+                status = result[0] if result else 0
+            else:
+                service.stop.wait()
+    finally:
+        if listener is not None:
+            listener.close()
+        finished = service.shutdown_connections(SHUTDOWN_TIMEOUT)
+        if finished:
+            plugin.cleanup()
+            plugin.unload()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+    return status
+
+
+def _install_signals(service: Service) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.debug(f"received signal {signal.Signals(signum).name}")
+        service.request_shutdown()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, on_signal)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to send us SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.error("--exit-with-parent is not supported on this platform")
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _daemonize(config: ServerConfig) -> None:
+    """Go to the background once the sockets listen, as nbdkit does without -f."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    if config.log_to is None:
+        log.set_destination(LogTo.SYSLOG)

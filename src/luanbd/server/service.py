@@ -1,0 +1,78 @@
+"""Service: the state every connection shares (plugin, locks, config, shutdown flag)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from contextlib import AbstractContextManager
+
+from luanbd import log
+from luanbd.backend.interface import Plugin
+from luanbd.backend.locks import Locks
+from luanbd.config import ServerConfig
+from luanbd.protocol.handshake import HandshakeConfig
+from luanbd.server.connection import Connection, start_thread
+
+
+class Service:
+    """Accepted sockets become :class:`Connection` threads; shutdown stops them in order."""
+
+    def __init__(self, plugin: Plugin, config: ServerConfig) -> None:
+        self.plugin = plugin
+        self.config = config
+        self.locks = Locks(plugin.thread_model)
+        #: serialize_all_requests: one lock for all; otherwise one per connection (locks.py).
+        self.request_lock: AbstractContextManager[object] = self.locks.request_lock()
+        self.handshake_config = HandshakeConfig(
+            handshake_flags=config.handshake_flags,
+            structured_replies=config.structured_replies,
+            meta_contexts=config.meta_contexts,
+            tls=config.tls,
+        )
+        self.shutting_down = threading.Event()
+        #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
+        self.stop = threading.Event()
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+        self._connections: dict[Connection, threading.Thread] = {}
+
+    def handle(self, sock: socket.socket, peer: str) -> None:
+        """Serve an accepted socket in a new thread."""
+        if self.shutting_down.is_set():
+            sock.close()
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are batched already; Nagle would only add latency to each batch.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, sock, next(self._numbers), peer)
+        with self._lock:
+            self._connections[conn] = start_thread(conn)
+            self._reap()
+
+    def serve_here(self, sock: socket.socket) -> None:
+        """Serve one connection in the calling thread (``-s``)."""
+        Connection(self, sock, next(self._numbers), "").run()
+
+    def _reap(self) -> None:
+        for conn, thread in list(self._connections.items()):
+            if not thread.is_alive():
+                del self._connections[conn]
+
+    def request_shutdown(self) -> None:
+        self.stop.set()
+
+    def shutdown_connections(self, timeout: float) -> bool:
+        """Stop serving: later requests get ESHUTDOWN, idle clients see EOF.  True if all
+        connection threads ended within ``timeout`` seconds."""
+        self.shutting_down.set()
+        with self._lock:
+            connections = list(self._connections.items())
+        for conn, _ in connections:
+            conn.shutdown_read()
+        for _, thread in connections:
+            thread.join(timeout)
+        alive = [c for c, t in connections if t.is_alive()]
+        if alive:
+            log.debug(f"{len(alive)} connection(s) still busy at shutdown")
+        return not alive
