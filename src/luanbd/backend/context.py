@@ -248,12 +248,12 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int,
                                          f"(expected {pos}, got {e_offset})")
         if e_offset < pos and out:
             raise PluginError("extents", "extents must be added in ascending order")
-        e_type &= EXTENT_HOLE | EXTENT_ZERO
+        kind = e_type & (EXTENT_HOLE | EXTENT_ZERO)
         length = min(e_end, end) - pos
-        if out and out[-1][1] == e_type:
-            out[-1] = (out[-1][0] + length, e_type)
+        if out and out[-1][1] == kind:
+            out[-1] = (out[-1][0] + length, kind)
         else:
-            out.append((length, e_type))
+            out.append((length, kind))
         pos += length
         if pos >= end:
             break

@@ -23,7 +23,11 @@ class ConnectionInfo:
 _local = threading.local()
 
 #: Set by the server: asks the whole server to shut down (nbdkit_shutdown).
-request_shutdown: Callable[[], None] = lambda: None
+def _no_shutdown() -> None:
+    pass
+
+
+request_shutdown: Callable[[], None] = _no_shutdown
 
 
 def set_connection(info: ConnectionInfo | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -122,7 +123,7 @@ class LuaPlugin:
             conn().disconnect(bool(force))
 
         return {
-            "verbose": lambda: debug_enabled(),
+            "verbose": debug_enabled,
             "debug": lambda msg: debug(_text(msg)),
             "parse_size": guard(lambda s: helpers.parse_size(_text(s))),
             "parse_bool": guard(lambda s: helpers.parse_bool(_text(s))),
@@ -130,10 +131,10 @@ class LuaPlugin:
             "realpath": guard(lambda s: helpers.realpath(os.fsdecode(s)).encode()),
             "export_name": guard(export_name),
             "is_tls": guard(lambda: conn().is_tls),
-            "peer_name": guard(lambda: conn().peer_name.encode()),
-            "shutdown": guard(lambda: current.request_shutdown()),
+            "peer_name": guard(lambda: conn().peer_name.encode()),  # noqa: PLW0108
+            "shutdown": guard(lambda: current.request_shutdown()),  # noqa: PLW0108 (late binding)
             "disconnect": guard(disconnect),
-            "version": lambda: __version__.encode(),
+            "version": __version__.encode,
         }
 
     def _load_script(self) -> None:
@@ -225,7 +226,7 @@ class LuaPlugin:
             raise PluginError(name, "cannot convert returned value to an integer")
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value == value and abs(value) < 2**63:
+        if isinstance(value, float) and math.isfinite(value) and abs(value) < 2**63:
             return int(value)
         if isinstance(value, bytes):
             number = self.g.tonumber(value)

@@ -37,7 +37,8 @@ ZERO_PAD = 124
 
 # --- Wire structs (network byte order) ------------------------------------------------------
 NEWSTYLE_GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-OLDSTYLE_GREETING = struct.Struct(">QQQI")  # NBDMAGIC, OLDSTYLE_MAGIC, size, flags (gflags<<16|eflags)
+# NBDMAGIC, OLDSTYLE_MAGIC, size, flags (global flags << 16 | transmission flags)
+OLDSTYLE_GREETING = struct.Struct(">QQQI")
 CLIENT_FLAGS = struct.Struct(">I")
 OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
 OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
@@ -197,7 +198,20 @@ class BlockStatusFlag(_SpecName, enum.IntFlag):
     ZERO = 1 << 1
 
 
-_PREFIXES = {"HandshakeFlag": "FLAG_", "ClientFlag": "FLAG_C_", "Opt": "OPT_", "Rep": "REP_", "Info": "INFO_", "TransmissionFlag": "FLAG_", "Cmd": "CMD_", "CmdFlag": "CMD_FLAG_", "ReplyType": "REPLY_TYPE_", "ReplyFlag": "REPLY_FLAG_", "NbdError": "E", "BlockStatusFlag": "STATE_"}
+_PREFIXES = {
+    "HandshakeFlag": "FLAG_",
+    "ClientFlag": "FLAG_C_",
+    "Opt": "OPT_",
+    "Rep": "REP_",
+    "Info": "INFO_",
+    "TransmissionFlag": "FLAG_",
+    "Cmd": "CMD_",
+    "CmdFlag": "CMD_FLAG_",
+    "ReplyType": "REPLY_TYPE_",
+    "ReplyFlag": "REPLY_FLAG_",
+    "NbdError": "E",
+    "BlockStatusFlag": "STATE_",
+}
 
 #: The one meta context luanbd serves.
 BASE_ALLOCATION = b"base:allocation"

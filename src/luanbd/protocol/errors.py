@@ -20,7 +20,7 @@ class OptionError(Exception):
 
 
 class RequestError(Exception):
-    """A request is refused before the plugin sees it; ``errno`` is the answer (via nbd_error_for)."""
+    """A request is refused before the plugin sees it; ``errno`` (via nbd_error_for) answers."""
 
     def __init__(self, errno: int, message: str) -> None:
         super().__init__(message)
