@@ -48,6 +48,9 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message = f"unrecognized option '{message[len(prefix):].split(maxsplit=1)[0]}'"
         raise UsageError(message)
 
 

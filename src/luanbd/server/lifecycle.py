@@ -116,12 +116,14 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
                 port = config.port or DEFAULT_PORT
                 listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
                 endpoint = captive.Endpoint(port=port, export_name=config.export_name)
-        if not config.foreground:
-            _daemonize(config)
+        ready = _daemonize(config) if not config.foreground else None
         if config.pidfile:
             with open(config.pidfile, "w") as f:
                 f.write(f"{os.getpid()}\n")
         plugin.after_fork()
+        if ready is not None:
+            os.write(ready, b"r")  # the waiting parent may exit now: we serve
+            os.close(ready)
     except (BindError, StartupError, OSError) as err:
         log.error(str(err))
         if private_dir:
@@ -184,12 +186,21 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _daemonize(config: ServerConfig) -> None:
-    """Go to the background once the sockets listen, as nbdkit does without -f."""
+def _daemonize(config: ServerConfig) -> int:
+    """Go to the background once the sockets listen, as nbdkit does without -f.
+
+    The foreground process exits only when the daemon has written its pidfile and run
+    after_fork, so a script may use the pidfile as soon as ``luanbd`` returns.  Returns
+    the pipe end to write to when ready.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
+    read_end, write_end = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(write_end)
+        ok = os.read(read_end, 1)
+        os._exit(0 if ok else 1)
+    os.close(read_end)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -200,3 +211,4 @@ def _daemonize(config: ServerConfig) -> None:
     os.close(null)
     if config.log_to is None:
         log.set_destination(LogTo.SYSLOG)
+    return write_end
