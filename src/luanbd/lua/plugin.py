@@ -81,6 +81,10 @@ class LuaPlugin:
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
                                          register_builtins=False)
         self.g = self.runtime.globals()
+        # lupa's `python` table is of no use to an nbdkit script and would let it reach
+        # Python objects: scripts see plain Lua plus the `nbdkit` table.
+        self.g[b"python"] = None
+        self.g.package.loaded[b"python"] = None
         self._call = self._install_nbdkit_table()
         self._load_script()
         self.api_version = self._read_api_version()

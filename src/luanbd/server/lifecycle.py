@@ -136,7 +136,11 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
     status = 0
     try:
         if config.single:
-            sock = socket.socket(fileno=os.dup(0))
+            try:
+                sock = socket.socket(fileno=os.dup(0))
+            except OSError as err:
+                log.error(f"-s: standard input is not a socket: {err.strerror}")
+                return 1
             service.serve_here(sock)
         else:
             assert listener is not None
