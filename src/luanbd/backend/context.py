@@ -20,6 +20,7 @@ from luanbd.backend.interface import (
     FLAG_MAY_TRIM,
     FLAG_REQ_ONE,
     CacheMode,
+    FastZeroRefused,
     FuaMode,
     Handle,
     Plugin,
@@ -189,7 +190,7 @@ class BackendContext:
                         self.plugin.flush(self.handle, 0)
                     return
             elif fast:
-                raise PluginError("zero", "fast zero is not supported", errno.ENOTSUP)
+                raise FastZeroRefused
             while count:
                 chunk = min(count, ZERO_EMULATION_CHUNK)
                 buf = _ZEROES if chunk == ZERO_EMULATION_CHUNK else _ZEROES[:chunk]

@@ -65,6 +65,16 @@ class PluginError(Exception):
         self.errno = errno
 
 
+class FastZeroRefused(PluginError):
+    """A fast zero that could only be emulated: ENOTSUP at once, as the client asked.
+
+    This is the protocol working as designed, so it is not logged as an error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("zero", "fast zero is not supported", _errno.ENOTSUP)
+
+
 class StartupError(Exception):
     """The plugin cannot start (bad script, bad configuration): one log line, exit status 1."""
 

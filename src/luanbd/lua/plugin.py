@@ -27,6 +27,7 @@ from luanbd.backend.interface import (
     FLAG_FAST_ZERO,
     FLAG_MAY_TRIM,
     CacheMode,
+    FastZeroRefused,
     FuaMode,
     Handle,
     PluginError,
@@ -472,7 +473,9 @@ class LuaPlugin:
 
     def zero(self, h: Handle, count: int, offset: int, flags: int) -> None:
         if self.api_version == 1:
-            if "zero" not in self.fn or flags & FLAG_FAST_ZERO:
+            if flags & FLAG_FAST_ZERO:
+                raise FastZeroRefused  # the seed's zero cannot promise to be fast
+            if "zero" not in self.fn:
                 raise PluginError("zero", "zero is not implemented", errno.EOPNOTSUPP)
             self.call("zero", h, count, offset, bool(flags & FLAG_MAY_TRIM))
             return

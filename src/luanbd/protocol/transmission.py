@@ -132,7 +132,7 @@ def validate_request(request: Request, session: Session) -> None:
     sflags = session.flags
 
     if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and session.read_only:
-        raise RequestError(errno.EROFS, "write request on readonly connection")
+        raise RequestError(errno.EROFS, f"{cmd}: write request on readonly connection")
 
     if cmd in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS):
         if length == 0 or offset + length > session.size:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.context import BackendContext
-from luanbd.backend.interface import PluginError
+from luanbd.backend.interface import FastZeroRefused, PluginError
 from luanbd.protocol.constants import Cmd, CmdFlag, Opt, Rep, TransmissionFlag
 from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
 from luanbd.protocol.handshake import (
@@ -258,9 +258,10 @@ class Connection:
         ctx = self.ctx
         assert ctx is not None
         cmd = req.cmd
+        if self.service.shutting_down.is_set() or self._closing:
+            # proto.md: once shutdown has begun, refuse new requests with ESHUTDOWN.
+            return self._error_reply(req, session, errno.ESHUTDOWN)
         try:
-            if self.service.shutting_down.is_set() or self._closing:
-                raise RequestError(errno.ESHUTDOWN, "server is shutting down")
             validate_request(req, session)
             flags = req.flags
             if cmd is Cmd.READ:
@@ -288,11 +289,18 @@ class Connection:
         except RequestError as err:
             log.error(f"invalid request: {err}")
             code = err.errno
+        except FastZeroRefused as err:
+            log.debug(str(err))
+            code = err.errno
         except PluginError as err:
             log.error(str(err))
             code = err.errno
+        return self._error_reply(req, session, code)
+
+    @staticmethod
+    def _error_reply(req: Request, session: Session, code: int) -> Buffers:
         error = nbd_error_for(code, req.flags)
-        if session.structured_replies and cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
+        if session.structured_replies and req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
             return error_chunk_reply(req.cookie, error)
         return simple_reply(req.cookie, error)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
+import time
 from contextlib import AbstractContextManager
 
 from luanbd import log
@@ -13,6 +14,10 @@ from luanbd.backend.locks import Locks
 from luanbd.config import ServerConfig
 from luanbd.protocol.handshake import HandshakeConfig
 from luanbd.server.connection import Connection, start_thread
+
+#: After SIGTERM, how long connected clients get to notice ESHUTDOWN and disconnect by
+#: themselves before they are cut off (nbdkit waits for them forever).
+SHUTDOWN_GRACE = 3.0
 
 
 class Service:
@@ -62,16 +67,22 @@ class Service:
     def request_shutdown(self) -> None:
         self.stop.set()
 
-    def shutdown_connections(self, timeout: float) -> bool:
-        """Stop serving: later requests get ESHUTDOWN, idle clients see EOF.  True if all
-        connection threads ended within ``timeout`` seconds."""
+    def shutdown_connections(self, timeout: float, grace: float = SHUTDOWN_GRACE) -> bool:
+        """Stop serving (proto.md: finish in-flight requests, answer later ones with
+        ESHUTDOWN).  Clients get ``grace`` seconds to see ESHUTDOWN and leave; the rest are
+        then cut off.  True if all connection threads ended within ``timeout`` seconds."""
         self.shutting_down.set()
         with self._lock:
             connections = list(self._connections.items())
-        for conn, _ in connections:
-            conn.shutdown_read()
+        deadline = time.monotonic() + grace
         for _, thread in connections:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for conn, thread in connections:
+            if thread.is_alive():
+                conn.shutdown_read()
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
         alive = [c for c, t in connections if t.is_alive()]
         if alive:
             log.debug(f"{len(alive)} connection(s) still busy at shutdown")
