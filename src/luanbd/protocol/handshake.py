@@ -288,9 +288,6 @@ class ServerHandshake:
                                       _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, *info.block_size)))
         parts.append(option_reply(pending.option, Rep.ACK))
         if pending.option is Opt.GO:
-            if self._meta_export is not None and self._meta_export != pending.export_name:
-                # Contexts were negotiated for another export: they do not apply to this one.
-                self._meta_selected = False
             self._finish(pending.export_name, info.size, flags)
         else:
             self._state = _State.OPTIONS
@@ -347,6 +344,9 @@ class ServerHandshake:
         return flags
 
     def _finish(self, export_name: bytes, size: int, flags: TransmissionFlag) -> None:
+        if self._meta_export is not None and self._meta_export != export_name:
+            # Contexts were negotiated for another export: they do not apply to this one.
+            self._meta_selected = False
         self._state = _State.TRANSMISSION
         self.negotiated = Negotiated(
             export_name=export_name,
@@ -387,36 +387,39 @@ class ServerHandshake:
         if not fixed and option != Opt.EXPORT_NAME:
             # Without fixed newstyle there is no way to refuse an option: only close.
             raise ProtocolViolation(f"option {_opt_name(option)} needs fixed newstyle")
+        if option == Opt.ABORT:
+            # Whatever payload follows is irrelevant: we acknowledge and close.
+            del self._buffer[:]
+            return self._opt_abort(b"")
+        tls_required = self.config.tls is TlsMode.REQUIRE and not self.tls_active
+        if tls_required and option == Opt.EXPORT_NAME:
+            raise ProtocolViolation("NBD_OPT_EXPORT_NAME before TLS was negotiated")
+        refusal: tuple[Rep, str] | None = None
+        if tls_required and option != Opt.STARTTLS:
+            refusal = (Rep.ERR_TLS_REQD, "TLS is required")
+        elif option not in _PARSED_OPTIONS:
+            refusal = (Rep.ERR_UNSUP, f"unsupported option {_opt_name(option)}")
+        elif length > MAX_OPTION_LENGTH:
+            if option == Opt.EXPORT_NAME:
+                raise ProtocolViolation(f"export name too long ({length} bytes)")
+            refusal = (Rep.ERR_TOO_BIG, "option too large")
+        if refusal is None and len(self._buffer) < OPTION_HEADER.size + length:
+            return NEED_DATA  # counted below once it is complete, however it arrives
         self._options_seen += 1
         if self._options_seen > self._option_limit:
             raise ProtocolViolation("client spent too much time negotiating without "
                                     "selecting an export")
-        if option not in _PARSED_OPTIONS or length > MAX_OPTION_LENGTH:
-            if option == Opt.EXPORT_NAME:
-                raise ProtocolViolation(f"export name too long ({length} bytes)")
+        if refusal is not None:
             if length > MAX_SKIP_LENGTH:
                 raise ProtocolViolation(f"option {_opt_name(option)} payload too long "
                                         f"({length} bytes)")
             del self._buffer[: OPTION_HEADER.size]
-            if option in _PARSED_OPTIONS:
-                self._skip_then_reply(option, length, Rep.ERR_TOO_BIG, "option too large")
-            else:
-                self._skip_then_reply(option, length, Rep.ERR_UNSUP,
-                                      f"unsupported option {_opt_name(option)}")
+            self._skip_then_reply(option, length, *refusal)
             return None
         end = OPTION_HEADER.size + length
-        if len(self._buffer) < end:
-            return NEED_DATA
         payload = bytes(self._buffer[OPTION_HEADER.size:end])
         del self._buffer[:end]
         opt = Opt(option)
-        if self.config.tls is TlsMode.REQUIRE and not self.tls_active and opt not in (
-            Opt.STARTTLS, Opt.ABORT
-        ):
-            if opt is Opt.EXPORT_NAME:
-                raise ProtocolViolation("NBD_OPT_EXPORT_NAME before TLS was negotiated")
-            self._outbox.append(option_reply(opt, Rep.ERR_TLS_REQD, b"TLS is required"))
-            return None
         try:
             return self._dispatch[opt](self, payload)
         except OptionError as err:
@@ -532,6 +535,9 @@ class ServerHandshake:
         return None
 
     def _opt_set_meta_context(self, payload: bytes) -> HandshakeEvent | None:
+        # Even a refused SET replaces the selection: the client cannot assume that an
+        # earlier selection survives a failed one.
+        self._meta_selected = False
         name, queries = self._meta_queries(Opt.SET_META_CONTEXT, payload)
         # Each SET replaces the previous selection; unknown contexts are ignored (proto.md).
         self._meta_export = name
