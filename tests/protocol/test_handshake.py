@@ -28,35 +28,15 @@ from luanbd.protocol.transmission import Request, RequestParser, Session
 
 from . import vectors as v
 
-SEGMENTATION_BUG = (
-    "BUG: the 32-option limit counts calls to next_event() that find an option header whose "
-    "payload has not fully arrived, so the same bytes cut into smaller reads exhaust the "
-    "limit (a single NBD_OPT_INFO with a 40-byte name fed a byte at a time is disconnected)"
-)
-#: Feed modes in which SEGMENTATION_BUG changes a row's outcome ("trailing" feeds whole and
-#: byte by byte).  Strict xfails: once the bug is fixed they XPASS and this table must go.
-SEGMENTATION_AFFECTED: dict[str, frozenset[str]] = {
-    "option-32-is-allowed": frozenset({"bytewise", "chunks-of-7", "trailing"}),
-    "option-limit-raised-by-list": frozenset({"bytewise", "chunks-of-7", "trailing"}),
-    "info-name-too-long": frozenset({"bytewise", "chunks-of-7", "chunks-3-1-11", "trailing"}),
-    "info-name-4096-ok": frozenset({"bytewise", "chunks-of-7", "chunks-3-1-11", "trailing"}),
-    "set-meta-query-too-long": frozenset({"bytewise", "chunks-of-7", "chunks-3-1-11",
-                                          "trailing"}),
-    "set-meta-base-allocation-then-go": frozenset({"bytewise", "trailing"}),
-    "set-meta-unknown-ignored": frozenset({"bytewise", "trailing"}),
-    "set-meta-replaced-by-empty": frozenset({"bytewise", "trailing"}),
-    "set-meta-other-export-then-go": frozenset({"bytewise", "trailing"}),
-    "starttls-wipes-meta-context": frozenset({"bytewise", "trailing"}),
-    "require-meta": frozenset({"bytewise", "trailing"}),
-    "require-starttls-then-go": frozenset({"bytewise", "trailing"}),
-}
+#: Found by these vectors and fixed in 37d80d8: the 32-option limit used to count calls to
+#: next_event() that found an option header whose payload had not fully arrived, so the same
+#: bytes cut into smaller reads exhausted the limit.  The bytewise and chunked feeds of every
+#: row, and test_option_limit_counts_options_not_reads, guard against its return.
 
 
 def _marks(row: v.HandshakeVector, mode: str) -> list[pytest.MarkDecorator]:
     if row.bug:
         return [pytest.mark.xfail(strict=True, reason=row.bug)]
-    if mode in SEGMENTATION_AFFECTED.get(row.name, ()):
-        return [pytest.mark.xfail(strict=True, reason=SEGMENTATION_BUG)]
     return []
 
 
@@ -119,10 +99,8 @@ def test_vector_with_trailing_data(row: v.HandshakeVector, mode: str) -> None:
 def test_vector_names_are_unique() -> None:
     names = [row.name for row in v.HANDSHAKE_VECTORS]
     assert len(names) == len(set(names))
-    assert set(SEGMENTATION_AFFECTED) <= set(names)
 
 
-@pytest.mark.xfail(strict=True, reason=SEGMENTATION_BUG)
 def test_option_limit_counts_options_not_reads() -> None:
     """One option is one option however TCP cut it.  proto.md allows a hard disconnect only
     for a violation or "if a server believes a client's behaviour constitutes a denial of
@@ -134,7 +112,7 @@ def test_option_limit_counts_options_not_reads() -> None:
     events = []
     for i in range(len(data)):
         hs.receive_data(data[i:i + 1])
-        event = hs.next_event()  # raises ProtocolViolation with the bug
+        event = hs.next_event()  # raised ProtocolViolation before 37d80d8
         if event is not NEED_DATA:
             events.append(event)
     assert events == [v.info_event(v.OPT_INFO, b"x" * 40, ())]

@@ -435,8 +435,10 @@ class HandshakeVector:
     negotiated: tuple[tuple[str, Any], ...] = ()
     #: proto.md passage the row checks.
     spec: str = ""
-    #: Set for a known bug: the row runs as a strict xfail with this reason.
+    #: Set for a known bug: the row runs as a strict xfail with this reason ("BUG: ...").
     bug: str | None = None
+    #: A bug this row found and that has been fixed since (kept as a regression test).
+    fixed: str | None = None
 
 
 def info_event(opt: int, name: bytes, requests: tuple[int, ...]) -> ExportInfoRequested:
@@ -570,8 +572,8 @@ HANDSHAKE_VECTORS: tuple[HandshakeVector, ...] = (
        (AbortRequested(),), rep(OPT_ABORT, REP_ACK), CLOSED,
        spec="NBD_OPT_ABORT: The server MUST reply with NBD_REP_ACK. ... a server SHOULD "
             "ignore any data sent by the client rather than rejecting the request as invalid",
-       bug="BUG: NBD_OPT_ABORT with more than MAX_OPTION_LENGTH (64 KiB) of data is answered "
-           "NBD_REP_ERR_TOO_BIG and negotiation continues, instead of NBD_REP_ACK + close"),
+       fixed="37d80d8: NBD_OPT_ABORT with more than 64 KiB of data was answered "
+             "NBD_REP_ERR_TOO_BIG and negotiation went on, instead of NBD_REP_ACK + close"),
     # --- NBD_OPT_LIST ---------------------------------------------------------------------
     _V("list", (CF + option(OPT_LIST),), (ExportListRequested(),),
        rep_server(*EXPORTS[0]) + rep_server(*EXPORTS[1]) + rep(OPT_LIST, REP_ACK), NEGOTIATING,
@@ -732,8 +734,8 @@ HANDSHAKE_VECTORS: tuple[HandshakeVector, ...] = (
        TRANSMISSION, negotiated=_neg(sr=True, base=False),
        spec="Issuing this command replaces all previously-set metadata contexts (including "
             "when this command fails)",
-       bug="BUG: a failed NBD_OPT_SET_META_CONTEXT leaves the previous selection in place, "
-           "so base:allocation is still active after GO"),
+       fixed="37d80d8: a failed NBD_OPT_SET_META_CONTEXT left the previous selection in "
+             "place, so base:allocation was still active after GO"),
     _V("set-meta-other-export-then-go", (CF + SR + opt_set_meta(b"a", [BASE_ALLOCATION])
                                          + opt_go(b"b"),),
        (info_event(OPT_GO, b"b", ()),),
@@ -751,8 +753,8 @@ HANDSHAKE_VECTORS: tuple[HandshakeVector, ...] = (
             "subsequent NBD_OPT_GO (or NBD_OPT_EXPORT_NAME). Servers SHOULD reply with "
             "NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without selecting at least "
             "one metadata context",
-       bug="BUG: NBD_OPT_EXPORT_NAME keeps base:allocation selected for another export name "
-           "(NBD_OPT_GO drops it; nbdkit drops it for both)"),
+       fixed="37d80d8: NBD_OPT_EXPORT_NAME kept base:allocation selected for another "
+             "export name (NBD_OPT_GO dropped it; nbdkit drops it for both)"),
     _V("set-meta-query-too-long",
        (CF + SR + opt_set_meta(b"", [b"base:" + b"a" * MAX_STRING]),), (),
        SR_ACK + rep(OPT_SET_META, ERR_INVALID), NEGOTIATING,
@@ -817,14 +819,14 @@ HANDSHAKE_VECTORS: tuple[HandshakeVector, ...] = (
        spec="FORCEDTLS: If the server receives any other option, including NBD_OPT_INFO and "
             "unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has not been "
             "initiated",
-       bug="BUG: in TlsMode.REQUIRE an unsupported option is answered NBD_REP_ERR_UNSUP "
-           "before TLS (the TLS check only runs for options the server parses)"),
+       fixed="37d80d8: in TlsMode.REQUIRE an unsupported option was answered "
+             "NBD_REP_ERR_UNSUP before TLS (the TLS check ran only for parsed options)"),
     _V("require-oversize-known-option", (CF + option(OPT_GO, bytes(64 * 1024 + 1)),), (),
        rep(OPT_GO, ERR_TLS_REQD), NEGOTIATING, config=TLS_REQUIRE,
        spec="FORCEDTLS: If the server receives any other option ... it MUST reply with "
             "NBD_REP_ERR_TLS_REQD if TLS has not been initiated",
-       bug="BUG: in TlsMode.REQUIRE an oversize known option is answered "
-           "NBD_REP_ERR_TOO_BIG before TLS instead of NBD_REP_ERR_TLS_REQD"),
+       fixed="37d80d8: in TlsMode.REQUIRE an oversize known option was answered "
+             "NBD_REP_ERR_TOO_BIG before TLS instead of NBD_REP_ERR_TLS_REQD"),
     _V("require-abort", (CF + option(OPT_ABORT),), (AbortRequested(),),
        rep(OPT_ABORT, REP_ACK), CLOSED, config=TLS_REQUIRE,
        spec="erroring any NBD options other than NBD_OPT_STARTTLS or NBD_OPT_ABORT with "
