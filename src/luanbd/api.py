@@ -50,7 +50,7 @@ class RunningServer:
             return
         self._closed = True
         self._listener.close()
-        if self.service.shutdown_connections(timeout) and isinstance(self._plugin, LuaPlugin):
+        if self.service.shutdown_connections(timeout):
             self._plugin.cleanup()
             self._plugin.unload()
         if self._private_dir:

@@ -86,6 +86,8 @@ class LuaPlugin:
         # Python objects: scripts see plain Lua plus the `nbdkit` table.
         self.g[b"python"] = None
         self.g.package.loaded[b"python"] = None
+        # Lua's own `load` is a global too: only a script's redefinition is the callback.
+        self._builtin_load = self.g.load
         self._call = self._install_nbdkit_table()
         self._load_script()
         self.api_version = self._read_api_version()
@@ -183,6 +185,8 @@ class LuaPlugin:
         self.fn = {}
         for name in CALLBACKS:
             value = self.g[name.encode()]
+            if name == "load" and self.g.rawequal(value, self._builtin_load):
+                continue
             if name in allowed and self._lua_type(value) == "function":
                 self.fn[name] = value
         if self.api_version == 2:

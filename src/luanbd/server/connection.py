@@ -11,12 +11,13 @@ import errno
 import socket
 import threading
 import traceback
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.context import BackendContext
-from luanbd.backend.interface import FastZeroRefused, PluginError
+from luanbd.backend.interface import FastZeroRefused, Plugin, PluginError, StartupError
 from luanbd.protocol.constants import Cmd, CmdFlag, Opt, Rep, TransmissionFlag
 from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
 from luanbd.protocol.handshake import (
@@ -61,6 +62,8 @@ class Connection:
         self.number = number
         self.peer = peer
         self.ctx: BackendContext | None = None
+        self.plugin: Plugin = service.plugin
+        self.lock: AbstractContextManager[object] = service.shared_lock
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
         self._closing = False
@@ -71,6 +74,9 @@ class Connection:
         current.set_connection(self.info)
         log.debug(f"conn {self.number}: accepted connection from {self.peer or 'local'}")
         try:
+            # serialize_requests/parallel scripts get a Lua state of their own per
+            # connection (plugin_for_connection); the others share one.
+            self.plugin, self.lock = self.service.plugin_for_connection()
             with self.service.locks.connection():
                 self._preconnect()
                 if self.service.config.oldstyle:
@@ -81,7 +87,7 @@ class Connection:
             log.error(f"conn {self.number}: {err}")
         except (ClientGone, ConnectionError, TimeoutError):
             log.debug(f"conn {self.number}: client closed the connection")
-        except PluginError as err:
+        except (PluginError, StartupError) as err:
             log.error(str(err))
         except OSError as err:
             log.debug(f"conn {self.number}: {err}")
@@ -91,6 +97,9 @@ class Connection:
                 traceback.print_exc()
         finally:
             self._close_export()
+            if self.plugin is not self.service.plugin:  # this connection's own Lua state
+                self.plugin.cleanup()
+                self.plugin.unload()
             current.set_connection(None)
             try:
                 self.sock.close()
@@ -144,9 +153,8 @@ class Connection:
 
     # --- handshake ----------------------------------------------------------------------
     def _preconnect(self) -> None:
-        plugin = self.service.plugin
-        with self.service.request_lock:
-            plugin.preconnect(self.service.config.readonly)
+        with self.lock:
+            self.plugin.preconnect(self.service.config.readonly)
 
     def _oldstyle(self) -> None:
         info = self._open_export(b"")
@@ -189,8 +197,8 @@ class Connection:
     def _list_reply(self, hs: ServerHandshake) -> bytes:
         service = self.service
         try:
-            with service.request_lock:
-                exports = service.plugin.list_exports(service.config.readonly, False)
+            with self.lock:
+                exports = self.plugin.list_exports(service.config.readonly, False)
         except PluginError as err:
             log.error(str(err))
             return hs.option_error_reply(Rep.ERR_PLATFORM, "could not list exports")
@@ -215,12 +223,12 @@ class Connection:
         readonly = service.config.readonly
         canonical: bytes | None = name
         if name == b"":
-            with service.request_lock:
-                canonical = service.plugin.default_export(readonly, False)
+            with self.lock:
+                canonical = self.plugin.default_export(readonly, False)
             if canonical is None:
                 raise PluginError("default_export", "the default export is not available")
         self.info.export_name = canonical
-        ctx = BackendContext(service.plugin, service.request_lock, readonly=readonly)
+        ctx = BackendContext(self.plugin, self.lock, readonly=readonly)
         caps = ctx.open()
         self.ctx = ctx
         return ExportInfo(size=caps.size, flags=caps.flags, name=canonical,

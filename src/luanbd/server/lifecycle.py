@@ -95,8 +95,18 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
     return _serve(plugin, config)
 
 
+def connection_plugin_factory(config: ServerConfig) -> LuaPlugin:
+    """A fresh Lua state for one connection of a serialize_requests/parallel script: the
+    script is loaded and configured again, so its globals are its own (docs/lua-plugins.md)."""
+    plugin = load_plugin(config)
+    plugin.config_complete()
+    plugin.get_ready()
+    plugin.after_fork()
+    return plugin
+
+
 def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
-    service = Service(plugin, config)
+    service = Service(plugin, config, lambda: connection_plugin_factory(config))
     current.request_shutdown = service.request_shutdown
     private_dir: str | None = None
     listener: Listener | None = None

@@ -6,10 +6,11 @@ import itertools
 import socket
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from luanbd import log
-from luanbd.backend.interface import Plugin
+from luanbd.backend.interface import Plugin, ThreadModel
 from luanbd.backend.locks import Locks
 from luanbd.config import ServerConfig
 from luanbd.protocol.handshake import HandshakeConfig
@@ -23,12 +24,17 @@ SHUTDOWN_GRACE = 3.0
 class Service:
     """Accepted sockets become :class:`Connection` threads; shutdown stops them in order."""
 
-    def __init__(self, plugin: Plugin, config: ServerConfig) -> None:
+    def __init__(self, plugin: Plugin, config: ServerConfig,
+                 plugin_factory: Callable[[], Plugin] | None = None) -> None:
         self.plugin = plugin
         self.config = config
         self.locks = Locks(plugin.thread_model)
-        #: serialize_all_requests: one lock for all; otherwise one per connection (locks.py).
-        self.request_lock: AbstractContextManager[object] = self.locks.request_lock()
+        #: The lock of the shared plugin: for serialize_connections/all_requests it is the
+        #: one process-wide request lock.
+        self.shared_lock: AbstractContextManager[object] = self.locks.request_lock()
+        #: Makes a fresh plugin instance (a new Lua state) for one connection; used when the
+        #: thread model lets connections run at the same time.
+        self.plugin_factory = plugin_factory
         self.handshake_config = HandshakeConfig(
             handshake_flags=config.handshake_flags,
             structured_replies=config.structured_replies,
@@ -41,6 +47,12 @@ class Service:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
+
+    def plugin_for_connection(self) -> tuple[Plugin, AbstractContextManager[object]]:
+        """The plugin and request lock a new connection uses."""
+        if self.plugin_factory is not None and self.locks.model >= ThreadModel.SERIALIZE_REQUESTS:
+            return self.plugin_factory(), self.locks.request_lock()
+        return self.plugin, self.shared_lock
 
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Serve an accepted socket in a new thread."""
