@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from luanbd.protocol.constants import (
     MAX_REQUEST_SIZE,
@@ -23,9 +24,12 @@ from luanbd.protocol.errors import ProtocolViolation, RequestError
 from luanbd.protocol.handshake import NEED_DATA, Negotiated, _NeedData
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One client request.  ``cmd`` is a plain int when the command is unknown."""
+class Request(NamedTuple):
+    """One client request.  ``cmd`` is a plain int when the command is unknown.
+
+    A NamedTuple, not a frozen dataclass: it is built once per request and a frozen
+    dataclass costs a microsecond more to construct.
+    """
 
     cmd: Cmd | int
     flags: int
@@ -73,72 +77,108 @@ _READ_ONLY, _SEND_FLUSH, _SEND_FUA, _SEND_TRIM, _SEND_WRITE_ZEROES, _SEND_CACHE,
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS)
 _HEADER_SIZE = REQUEST_HEADER.size
-#: Below this much consumed input we do not bother compacting the buffer.
-_COMPACT_AT = 64 * 1024
 
 
 class RequestParser:
-    """Incremental parser of the request stream."""
+    """Incremental parser of the request stream.
 
-    def __init__(self, initial: bytes = b"") -> None:
-        self._buffer = bytearray(initial)
+    The I/O layer may receive straight into the parser's buffer (:meth:`get_buffer` then
+    :meth:`commit`), so a WRITE payload is copied once, from that buffer into the ``bytes``
+    handed to the plugin.  :meth:`receive_data` is the same for bytes held elsewhere.
+    """
+
+    def __init__(self, initial: bytes = b"", chunk: int = 256 * 1024) -> None:
+        self._chunk = chunk
+        self._buffer = bytearray(max(chunk, len(initial)))
+        self._buffer[: len(initial)] = initial
         self._pos = 0
+        self._end = len(initial)
         self._discard = 0
+        #: Bytes the request being assembled still needs (so get_buffer can make room).
+        self._need = 0
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add client bytes."""
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            target.release()
+            self.commit(n)
+            view = view[n:]
+
+    def get_buffer(self) -> memoryview:
+        """Free space at the end of the buffer to receive into; release it before commit."""
+        buf = self._buffer
+        want = max(self._chunk, self._need)
+        if len(buf) - self._end < want:
+            # Move the unparsed bytes to the front; grow only for a payload that needs it.
+            live = self._end - self._pos
+            if self._pos:
+                buf[:live] = buf[self._pos:self._end]
+                self._pos, self._end = 0, live
+            if len(buf) - live < want:
+                buf.extend(bytes(live + want - len(buf)))
+            elif len(buf) > max(2 * self._chunk, live + want) and not self._need:
+                del buf[live + want:]  # shrink back after a large payload
+        return memoryview(buf)[self._end:]
+
+    def commit(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`get_buffer` view."""
         if self._discard:
-            view = memoryview(data)
-            taken = min(self._discard, len(view))
+            taken = min(self._discard, n)
             self._discard -= taken
-            data = view[taken:]
-        self._buffer += data
+            if taken < n:  # move what follows the dropped payload down
+                self._buffer[self._end:self._end + n - taken] = \
+                    self._buffer[self._end + taken:self._end + n]
+            n -= taken
+        self._end += n
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed."""
-        return len(self._buffer) - self._pos
+        return self._end - self._pos
 
     def next_request(self) -> Request | _NeedData:
         """The next complete request, or ``NEED_DATA``.  Raises ProtocolViolation."""
         buf = self._buffer
         pos = self._pos
-        if self._discard or len(buf) - pos < _HEADER_SIZE:
-            self._compact()
+        avail = self._end - pos
+        if self._discard or avail < _HEADER_SIZE:
+            self._need = 0
             return NEED_DATA
         magic, flags, cmd, cookie, offset, length = REQUEST_HEADER.unpack_from(buf, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolViolation(f"invalid request: 'magic' field is incorrect (0x{magic:x})")
         cmd = _CMDS.get(cmd, cmd)
         data = None
-        end = pos + _HEADER_SIZE
+        start = pos + _HEADER_SIZE
         if cmd is Cmd.WRITE:
             if length > MAX_REQUEST_SIZE:
                 # Too big to buffer: drop the payload as it arrives; validation answers ENOMEM.
-                available = min(length, len(buf) - end)
-                self._discard = length - available
-                end += available
+                taken = min(length, avail - _HEADER_SIZE)
+                self._discard = length - taken
+                start += taken
             else:
-                if len(buf) - end < length:
-                    self._compact()
+                if avail - _HEADER_SIZE < length:
+                    self._need = _HEADER_SIZE + length - avail
                     return NEED_DATA
-                data = bytes(buf[end:end + length])
-                end += length
-        self._pos = end
-        if end == len(buf):
-            buf.clear()
-            self._pos = 0
+                with memoryview(buf) as view:
+                    data = bytes(view[start:start + length])
+                start += length
+        self._need = 0
+        if start == self._end:
+            self._pos = self._end = 0
+        else:
+            self._pos = start
         return Request(cmd, flags, cookie, offset, length, data)
-
-    def _compact(self) -> None:
-        if self._pos >= _COMPACT_AT or (self._pos and self._pos == len(self._buffer)):
-            del self._buffer[: self._pos]
-            self._pos = 0
 
 
 def validate_request(request: Request, session: Session) -> None:
     """Raise :class:`RequestError` with nbdkit's errno if the request may not reach the plugin."""
     cmd, flags, offset, length = request.cmd, request.flags, request.offset, request.length
+    cmd = _CMDS.get(cmd, cmd)  # a Request built by hand may carry a plain int
     sflags = int(session.flags)
 
     if cmd in _WRITES and sflags & _READ_ONLY:

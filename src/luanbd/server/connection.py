@@ -241,8 +241,9 @@ class Connection:
 
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
-        parser = RequestParser(trailing)
+        parser = RequestParser(trailing, RECV_SIZE)
         handle = self._handle
+        recv_into = self.sock.recv_into
         out: Buffers = []
         while True:
             while True:
@@ -260,7 +261,13 @@ class Connection:
                 out = []
             if self._closing:
                 return
-            parser.receive_data(self._recv())
+            # Receive straight into the parser's buffer: a WRITE payload is then copied
+            # only once more, into the bytes object the plugin gets.
+            with parser.get_buffer() as view:
+                n = recv_into(view)
+            if n == 0:
+                raise ClientGone
+            parser.commit(n)
 
     def _handle(self, req: Request, session: Session) -> Buffers:
         ctx = self.ctx
