@@ -1,4 +1,6 @@
-"""Fixtures for the API 2 / ``nbdkit`` table / examples tests: real servers, real clients.
+"""Helpers of the API 2 / ``nbdkit`` table / examples tests: real servers, real clients.
+(A module of its own, not conftest.py, so that ``import`` finds it whatever other
+conftest.py files pytest has loaded.)
 
 Every server is started per test, either as a single-connection server under libnbd's
 ``connect_command`` (``luanbd -s --exit-with-parent ...``) or in captive mode
@@ -17,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +43,6 @@ NBDKIT = shutil.which("nbdkit")
 RUN_TIMEOUT = 30
 #: Default per-test timeout (pytest-timeout) for tests of this folder.
 TEST_TIMEOUT = 60
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if HERE in Path(str(item.fspath)).parents and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
 def nbdkit_python_available() -> bool:
@@ -202,18 +198,6 @@ class Servers:
         nbdkit's, when ``server`` is given)."""
         return "".join(p.read_text(errors="replace") for p in self.stderr_files
                        if server is None or p.name.startswith(server + "-"))
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    s = Servers(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close_all()
-    # nbdkit's Python plugin prints tracebacks by design; luanbd (and luanbd commands) never.
-    text = s.stderr("luanbd") + s.stderr("cmd")
-    assert "Traceback" not in text, text
 
 
 def read_log(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from apitest import (
     HAVE_NBDKIT_PYTHON,
     LUANBD,
     PLUGINS,
@@ -719,6 +719,10 @@ def test_callback_signatures(servers: Servers, tmp_path: Path, api: int) -> None
                          "zero 512 0 true", "zero 512 0 false"]
         assert not h.can_cache()
         assert block_status(h, 512, 0) == [(512, 0)]  # extents ignored: all data
+        # Fast zero is advertised, and refused at once without calling zero.
+        assert h.can_fast_zero()
+        assert outcome(lambda: h.zero(512, 0, nbd.CMD_FLAG_FAST_ZERO)).errno == errno.ENOTSUP
+        assert len(read_log(log)) == len(calls)
     else:
         assert calls == ["pread 512 0 0", "pwrite 512 512 2", "flush 0", "trim 512 0 0",
                          "zero 512 0 1", "zero 512 0 0"]
@@ -788,10 +792,11 @@ def test_dump_plugin(servers: Servers, tmp_path: Path, model: str, has_fn: bool)
 
 def test_dump_plugin_api1_lists_only_seed_callbacks(servers: Servers, tmp_path: Path) -> None:
     script = write_script(tmp_path, "v1.lua", MINIMAL + "function can_fua(h) return 2 end\n"
-                          "function trim(h, c, o) end\n")
+                          "function trim(h, c, o) end\nthread_model = 'parallel'\n")
     r = servers.run([LUANBD, str(script), "--dump-plugin"])
     lines = r.stdout.splitlines()
     assert "api_version=1" in lines
+    assert "thread_model=serialize_all_requests" in lines  # API 1 cannot choose
     assert "has_trim=1" in lines
     assert "has_can_fua=1" not in lines
     assert "name=lua" in lines

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXAMPLES, LUANBD, Servers, outcome
+from apitest import EXAMPLES, LUANBD, Servers, outcome
 
 nbd = pytest.importorskip("nbd")
 

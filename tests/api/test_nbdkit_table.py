@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HAVE_NBDKIT_PYTHON, LUANBD, PLUGINS, Servers, needs_nbdkit_python, outcome
+from apitest import HAVE_NBDKIT_PYTHON, LUANBD, PLUGINS, Servers, needs_nbdkit_python, outcome
 
 nbd = pytest.importorskip("nbd")
 
@@ -390,3 +390,18 @@ def test_disconnect_pipelined_requests_get_eshutdown(servers: Servers, force: st
     assert results[0].ok
     for r in results[1:]:
         assert r.errno in (errno.ESHUTDOWN, errno.ENOTCONN, errno.ECONNRESET)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: nbdkit.shutdown() under --run: luanbd exits 0 at "
+                   "once, leaving the --run command running on its own; nbdkit waits for the "
+                   "command and exits with its status")
+def test_shutdown_with_run_waits_for_the_command(servers: Servers, tmp_path: Path) -> None:
+    marker = tmp_path / "command-finished"
+    for server, script in [("luanbd", PROBE), *([("nbdkit", PROBE_PY)] if HAVE_NBDKIT_PYTHON
+                                                 else [])]:
+        marker.unlink(missing_ok=True)
+        r = servers.captive(script, "expr=nbdkit.shutdown()", server=server, check=False,
+                            run=f'nbdsh -u "$uri" -c "h.pread(512, 0)"; sleep 0.5; '
+                                f'touch {marker}; exit 3')
+        assert marker.exists(), server   # the server waited for the command
+        assert r.returncode == 3, server
