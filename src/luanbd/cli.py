@@ -99,14 +99,14 @@ class Command:
         self.script: str | None = None
 
 
-def split_params(args: list[str]) -> tuple[str | None, list[tuple[str, str]], list[str]]:
-    """Split positionals into (script, key=value pairs, later bare arguments) as nbdkit does."""
+def split_params(args: list[str]) -> tuple[str | None, list[tuple[str | None, str]]]:
+    """Split positionals into the script and the parameters, in command-line order, as
+    nbdkit does: ``key=value`` gives (key, value), a later bare argument (None, arg)."""
     args = list(args)
     if args and args[0] == "lua":
         args.pop(0)  # nbdkit's plugin name; luanbd only serves Lua, so it is optional
     script: str | None = None
-    params: list[tuple[str, str]] = []
-    bare: list[str] = []
+    params: list[tuple[str | None, str]] = []
     for i, arg in enumerate(args):
         key, eq, value = arg.partition("=")
         if eq and _CONFIG_KEY.match(key):
@@ -117,15 +117,15 @@ def split_params(args: list[str]) -> tuple[str | None, list[tuple[str, str]], li
         elif i == 0:
             script = arg
         else:
-            bare.append(arg)
-    return script, params, bare
+            params.append((None, arg))
+    return script, params
 
 
 def parse_args(argv: list[str]) -> Command:
     ns = _parser().parse_intermixed_args(argv)
     cmd = Command()
     cmd.help, cmd.version, cmd.dump_plugin = ns.help, ns.version, ns.dump_plugin
-    script, params, bare = split_params(ns.args)
+    script, params = split_params(ns.args)
     cmd.script = script
     if cmd.help or cmd.version:
         return cmd
@@ -159,7 +159,6 @@ def parse_args(argv: list[str]) -> Command:
     cmd.config = ServerConfig(
         script=script,
         params=tuple(params),
-        extra_args=tuple(bare),
         lua=ns.lua,
         foreground=ns.foreground or ns.run is not None or ns.exit_with_parent or ns.single,
         unix_socket=None if ns.unix in (None, "-") else ns.unix,

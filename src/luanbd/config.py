@@ -17,10 +17,9 @@ DEFAULT_THREADS = 16
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     script: str
-    #: key=value pairs for the plugin's config(), in command-line order.
-    params: tuple[tuple[str, str], ...] = ()
-    #: Bare arguments after the script: config(magic_config_key, arg) or an error.
-    extra_args: tuple[str, ...] = ()
+    #: key=value pairs for the plugin's config(), in command-line order; a key of None is a
+    #: bare argument after the script: config(magic_config_key, arg) or an error.
+    params: tuple[tuple[str | None, str], ...] = ()
     lua: str = "5.4"
     foreground: bool = False
     unix_socket: str | None = None

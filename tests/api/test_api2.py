@@ -139,9 +139,6 @@ def test_capabilities_are_asked_once_per_connection(servers: Servers) -> None:
     assert calls.count("is_rotational") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: can_multi_conn is advertised under "
-                   "thread_model=serialize_connections; nbdkit only sends "
-                   "NBD_FLAG_CAN_MULTI_CONN when the model is above serialize_connections")
 def test_multi_conn_hidden_under_serialize_connections(servers: Servers) -> None:
     seen = on_both(servers, ("can_multi_conn=true", "thread_model=serialize_connections"),
                    lambda h: h.can_multi_conn())
@@ -390,10 +387,6 @@ def test_extents_hole_zero_and_data(servers: Servers) -> None:
 
 
 @needs_nbdkit_python
-@pytest.mark.xfail(strict=True, reason="BUG: extents: luanbd clips the last extent at "
-                   "offset+count (e.g. [3000, hole|zero] for 3000 bytes at 5000 inside a "
-                   "hole ending at 8192); nbdkit sends the plugin's last extent whole "
-                   "([3192, hole|zero]), as the issue asks ('clipped ... as nbdkit does')")
 def test_extents_exactly_as_nbdkit(servers: Servers) -> None:
     seen = on_both(servers, (), extents_queries)
     assert seen["luanbd"][0] == seen["nbdkit"][0]
@@ -808,9 +801,7 @@ def test_dump_plugin_api1_lists_only_seed_callbacks(servers: Servers, tmp_path: 
     ("5.2", "Lua 5.2"),
     ("5.5", "Lua 5.5"),
     ("luajit", "LuaJIT 2.1"),
-    pytest.param("5.1", "Lua 5.1", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: --lua=5.1 crashes with a Python Traceback: plugin.py loads nbdkit.lua with "
-        "Lua's load(string), which Lua 5.1 does not accept (it needs loadstring)"))),
+    ("5.1", "Lua 5.1"),
 ])
 def test_lua_runtime_choice(servers: Servers, tmp_path: Path, lua: str, want: str) -> None:
     script = write_script(tmp_path, "rt.lua", "API_VERSION = 2\n" + MINIMAL)
@@ -845,9 +836,6 @@ def test_magic_config_key(servers: Servers, tmp_path: Path) -> None:
     assert "expecting key=value on the command line but got: bare1" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: magic_config_key: bare arguments reach config() "
-                   "after all key=value pairs (k=v;file=a;file=b) instead of in command-line "
-                   "order (file=a;k=v;file=b) as nbdkit does")
 def test_magic_config_key_keeps_command_line_order(servers: Servers, tmp_path: Path) -> None:
     script = write_script(tmp_path, "magic.lua", MAGIC)
     r = servers.run([LUANBD, str(script), "a", "k=v", "b", "--dump-plugin"])

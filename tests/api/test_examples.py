@@ -190,9 +190,6 @@ def test_filefua_needs_file(servers: Servers) -> None:
     assert "file parameter is required" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nbdkit.realpath of a missing file returns a "
-                   "userdata instead of raising, so the error is a confusing "
-                   "\"bad argument #1 to 'open' (string expected, got userdata)\"")
 def test_filefua_missing_file(servers: Servers, tmp_path: Path) -> None:
     r = servers.run([LUANBD, "-U", "-", str(FILEFUA), f"file={tmp_path}/none.img",
                      "--run", "true"])

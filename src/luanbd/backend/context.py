@@ -25,6 +25,7 @@ from luanbd.backend.interface import (
     Handle,
     Plugin,
     PluginError,
+    ThreadModel,
 )
 from luanbd.protocol.constants import MAX_REQUEST_SIZE, TransmissionFlag
 
@@ -32,6 +33,8 @@ from luanbd.protocol.constants import MAX_REQUEST_SIZE, TransmissionFlag
 #: not to make the plugin (a Lua string) allocate 64 MiB for one WRITE_ZEROES.
 ZERO_EMULATION_CHUNK = 1024 * 1024
 _ZEROES = bytes(ZERO_EMULATION_CHUNK)
+#: Largest length of one block status descriptor that keeps 4 KiB alignment in 32 bits.
+MAX_DESCRIPTOR = 0xFFFFF000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,9 @@ class BackendContext:
                     can_fast_zero=can_write and p.can_fast_zero(h),
                     can_extents=p.can_extents(h),
                     can_fua=p.can_fua(h) if can_write else FuaMode.NONE,
-                    can_multi_conn=p.can_multi_conn(h),
+                    # nbdkit hides multi-conn when connections cannot overlap anyway.
+                    can_multi_conn=(p.thread_model > ThreadModel.SERIALIZE_CONNECTIONS
+                                    and p.can_multi_conn(h)),
                     can_cache=p.can_cache(h),
                     block_size=p.block_size(h),
                     description=p.export_description(h),
@@ -221,18 +226,20 @@ class BackendContext:
             return [(count, 0)]  # without extents the whole range is allocated data
         with self.lock:
             raw = self.plugin.extents(self.handle, count, offset, FLAG_REQ_ONE if req_one else 0)
-        return clip_extents(raw, count, offset, req_one)
+        return clip_extents(raw, count, offset, req_one, self._caps.size)
 
     def _fua_native(self, fua: bool) -> bool:
         return fua and self._caps.can_fua is FuaMode.NATIVE
 
 
-def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int,
-                 req_one: bool) -> list[tuple[int, int]]:
-    """Validate, clip and merge plugin extents as nbdkit's ``extents.c`` does.
+def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_one: bool,
+                 size: int) -> list[tuple[int, int]]:
+    """Validate, merge and trim plugin extents as nbdkit's ``extents.c`` and ``protocol.c``.
 
-    Extents must be ascending and contiguous; those wholly before ``offset`` are ignored,
-    the first kept one must cover ``offset``, and the list is clipped at offset+count.
+    Extents must be ascending and contiguous; those wholly before ``offset`` are ignored and
+    the first kept one must cover ``offset``.  Adjacent extents of one type merge (as
+    nbdkit_add_extent does, also past offset+count), so the last descriptor may reach past
+    the request, up to the end of the export; with REQ_ONE: one extent, at most ``count``.
     """
     end = offset + count
     out: list[tuple[int, int]] = []
@@ -240,7 +247,7 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int,
     for e_offset, e_length, e_type in raw:
         if e_length <= 0:
             continue
-        e_end = e_offset + e_length
+        e_end = min(e_offset + e_length, size)
         if e_end <= pos and not out:
             continue  # before the range
         if e_offset > pos:
@@ -250,16 +257,20 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int,
         if e_offset < pos and out:
             raise PluginError("extents", "extents must be added in ascending order")
         kind = e_type & (EXTENT_HOLE | EXTENT_ZERO)
-        length = min(e_end, end) - pos
+        length = e_end - pos
         if out and out[-1][1] == kind:
             out[-1] = (out[-1][0] + length, kind)
+        elif pos >= end:
+            break  # past the request, only same-type extents still merge into the last
         else:
             out.append((length, kind))
-        pos += length
-        if pos >= end:
-            break
+        pos = e_end
     if not out:
         raise PluginError("extents", "the plugin returned no extent covering the offset")
     if req_one:
-        out = out[:1]
+        return [(min(out[0][0], count), out[0][1])]
+    # A descriptor length is 32 bits on the wire: stop at the first one that does not fit.
+    for i, (length, kind) in enumerate(out):
+        if length > MAX_DESCRIPTOR:
+            return [*out[:i], (MAX_DESCRIPTOR, kind)]
     return out

@@ -7,7 +7,7 @@ import getpass
 import os
 import re
 
-_SIZE = re.compile(r"\s*(\d+)\s*([bBkKmMgGtTpPeEsS]?)\s*\Z")
+_SIZE = re.compile(r"\s*\+?(\d+)([bBkKmMgGtTpPeEsS]?)\Z")
 _SCALE = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
           "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}

@@ -79,8 +79,11 @@ class LuaPlugin:
             raise StartupError(f"--lua={lua}: this Lua runtime is not available "
                                f"(choose from {', '.join(LUA_MODULES)})") from None
         self._lupa = module
+        # unpack_returned_tuples: a Python primitive's (nil, message) reaches Lua as two
+        # values, which is how nbdkit.lua tells failure from success.
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
-                                         register_builtins=False)
+                                         register_builtins=False,
+                                         unpack_returned_tuples=True)
         self.g = self.runtime.globals()
         # lupa's `python` table is of no use to an nbdkit script and would let it reach
         # Python objects: scripts see plain Lua plus the `nbdkit` table.
@@ -88,6 +91,8 @@ class LuaPlugin:
         self.g.package.loaded[b"python"] = None
         # Lua's own `load` is a global too: only a script's redefinition is the callback.
         self._builtin_load = self.g.load
+        # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.
+        self._load_string = self.g.loadstring or self.g.load
         self._call = self._install_nbdkit_table()
         self._load_script()
         self.api_version = self._read_api_version()
@@ -98,7 +103,7 @@ class LuaPlugin:
     # --- loading ------------------------------------------------------------------------
     def _install_nbdkit_table(self) -> Callable[..., Any]:
         source = resources.files("luanbd.lua").joinpath("nbdkit.lua").read_bytes()
-        chunk = self.g.load(source, b"=nbdkit.lua")
+        chunk = self._load_string(source, b"=nbdkit.lua")
         primitives = self.runtime.table_from({
             name.encode(): fn for name, fn in self._primitives().items()
         })
@@ -155,7 +160,7 @@ class LuaPlugin:
             # Skip the shebang line but keep its newline so line numbers stay right.
             newline = source.find(b"\n")
             source = b"" if newline < 0 else source[newline:]
-        result = self.g.load(source, b"@" + os.fsencode(self.script))
+        result = self._load_string(source, b"@" + os.fsencode(self.script))
         if isinstance(result, tuple):
             raise StartupError(f"could not parse Lua script {_text(result[1])}")
         ok, *rest = self._results(self._call(result))

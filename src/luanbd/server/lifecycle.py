@@ -35,15 +35,12 @@ def load_plugin(config: ServerConfig) -> LuaPlugin:
     """Load the script and pass it the configuration (not config_complete)."""
     plugin = LuaPlugin(config.script, lua=config.lua)
     plugin.load()
-    params = list(config.params)
-    if config.extra_args:
-        magic = plugin.string_global("magic_config_key")
-        if magic is None:
-            raise StartupError(f"expecting key=value on the command line but got: "
-                               f"{config.extra_args[0]}")
-        params += [(magic, arg) for arg in config.extra_args]
-    for key, value in params:
-        plugin.config(key, value)
+    magic = plugin.string_global("magic_config_key")
+    for key, value in config.params:
+        name = magic if key is None else key
+        if name is None:
+            raise StartupError(f"expecting key=value on the command line but got: {value}")
+        plugin.config(name, value)
     return plugin
 
 
@@ -144,6 +141,8 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
     if config.exit_with_parent:
         _exit_with_parent()
     status = 0
+    captive_thread: threading.Thread | None = None
+    result: list[int] = []
     try:
         if config.single:
             try:
@@ -156,17 +155,15 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
             assert listener is not None
             listener.start(service.handle)
             if config.run is not None:
-                result: list[int] = []
 
                 def run_captive() -> None:
                     result.append(captive.run_command(config.run or "", endpoint))
                     service.request_shutdown()
 
-                threading.Thread(target=run_captive, name="captive", daemon=True).start()
-                service.stop.wait()
-                status = result[0] if result else 0
-            else:
-                service.stop.wait()
+                captive_thread = threading.Thread(target=run_captive, name="captive",
+                                                  daemon=True)
+                captive_thread.start()
+            service.wait_for_stop()
     finally:
         if listener is not None:
             listener.close()
@@ -176,6 +173,10 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
             plugin.unload()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
+    if captive_thread is not None:
+        # Stopped early (signal, nbdkit.shutdown()): the command still decides the status.
+        captive_thread.join()
+        status = result[0] if result else 1
     return status
 
 
@@ -187,6 +188,9 @@ def _install_signals(service: Service) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, on_signal)
+        # The kernel may deliver a signal to any thread; the wake-up fd makes sure the main
+        # thread, waiting in wait_for_stop(), notices it at once.
+        signal.set_wakeup_fd(service.wakeup_fd)
 
 
 def _exit_with_parent() -> None:

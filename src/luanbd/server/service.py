@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import select
 import socket
 import threading
 import time
@@ -44,6 +47,9 @@ class Service:
         self.shutting_down = threading.Event()
         #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
         self.stop = threading.Event()
+        # A self-pipe wakes wait_for_stop() with no polling; signals write to it too.
+        self._wake_r, self.wakeup_fd = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
@@ -78,6 +84,16 @@ class Service:
 
     def request_shutdown(self) -> None:
         self.stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self.wakeup_fd, b"\0")
+
+    def wait_for_stop(self) -> None:
+        """Block until request_shutdown() (or a signal, through the wake-up fd)."""
+        while not self.stop.is_set():
+            select.select([self._wake_r], [], [])
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 512)
+            # A signal's Python handler runs here, between bytecodes, and sets stop.
 
     def shutdown_connections(self, timeout: float, grace: float = SHUTDOWN_GRACE) -> bool:
         """Stop serving (proto.md: finish in-flight requests, answer later ones with
