@@ -91,6 +91,9 @@ class BackendContext:
         self.readonly = readonly
         self.handle: Handle = None
         self.caps: Capabilities | None = None
+        #: Copies of caps.size and caps.can_write for the hot path's asserts.
+        self.size = -1
+        self.can_write = False
         self._open = False
 
     def open(self) -> Capabilities:
@@ -124,6 +127,8 @@ class BackendContext:
             except BaseException:
                 self._close_locked()
                 raise
+        self.size = self.caps.size
+        self.can_write = self.caps.can_write
         return self.caps
 
     def close(self) -> None:
@@ -146,18 +151,20 @@ class BackendContext:
 
     # --- data calls ---------------------------------------------------------------------
     def pread(self, count: int, offset: int) -> bytes | memoryview:
-        self._assert_range(count, offset)
-        assert count <= MAX_REQUEST_SIZE
+        assert 0 < count <= MAX_REQUEST_SIZE and offset + count <= self.size, (count, offset)
         with self.lock:
             return self.plugin.pread(self.handle, count, offset, 0)
 
     def pwrite(self, buf: bytes, offset: int, fua: bool) -> None:
-        self._assert_range(len(buf), offset)
-        assert self._caps.can_write
+        assert len(buf) > 0 and offset + len(buf) <= self.size and self.can_write
+        if not fua:
+            with self.lock:
+                self.plugin.pwrite(self.handle, buf, offset, 0)
+            return
         native = self._fua_native(fua)
         with self.lock:
             self.plugin.pwrite(self.handle, buf, offset, FLAG_FUA if native else 0)
-            if fua and not native:
+            if not native:
                 self.plugin.flush(self.handle, 0)
 
     def flush(self) -> None:

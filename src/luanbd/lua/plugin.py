@@ -211,7 +211,11 @@ class LuaPlugin:
 
     def call(self, name: str, *args: Any) -> Any:
         """Call callback ``name``; its first result, or PluginError."""
-        res = self._call(self.fn[name], *args)
+        return self._result(name, self._call(self.fn[name], *args))
+
+    @staticmethod
+    def _result(name: str, res: Any) -> Any:
+        """The first result of a wrapped call, or the PluginError it stands for."""
         if res is True:
             return None
         if not isinstance(res, tuple):
@@ -443,10 +447,21 @@ class LuaPlugin:
 
     # --- data ---------------------------------------------------------------------------
     def pread(self, h: Handle, count: int, offset: int, flags: int) -> bytes | memoryview:
+        # Hot path: one Lua call through the wrapper, then the common answer (a string of
+        # exactly count bytes) with no further checks.
+        fn = self.fn["pread"]
         if self.api_version == 1:
-            value = self.call("pread", h, count, offset)
+            res = self._call(fn, h, count, offset)
         else:
-            value = self.call("pread", h, count, offset, flags)
+            res = self._call(fn, h, count, offset, flags)
+        if res.__class__ is tuple and res[0] is True and len(res) > 1:
+            value = res[1]
+            if value.__class__ is bytes and len(value) == count:
+                return value
+        elif res is True or not res[0]:
+            value = self._result("pread", res)
+        else:
+            value = None
         if isinstance(value, bytes):
             if len(value) == count:
                 return value

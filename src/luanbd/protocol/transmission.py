@@ -59,7 +59,7 @@ class Session:
 
     @property
     def read_only(self) -> bool:
-        return bool(self.flags & TransmissionFlag.READ_ONLY)
+        return bool(int(self.flags) & _READ_ONLY)
 
 
 #: int -> Cmd without going through Enum.__call__ (hot path: once per request).
@@ -178,6 +178,10 @@ class RequestParser:
 def validate_request(request: Request, session: Session) -> None:
     """Raise :class:`RequestError` with nbdkit's errno if the request may not reach the plugin."""
     cmd, flags, offset, length = request.cmd, request.flags, request.offset, request.length
+    # Fast path for the common case, a plain READ/WRITE in range: nothing else can apply.
+    if (not flags and 0 < length <= MAX_REQUEST_SIZE and offset + length <= session.size
+            and (cmd is Cmd.READ or (cmd is Cmd.WRITE and not session.read_only))):
+        return
     cmd = _CMDS.get(cmd, cmd)  # a Request built by hand may carry a plain int
     sflags = int(session.flags)
 
