@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -49,10 +48,6 @@ def start_server(workdir: Path) -> Iterator[StartServer]:
     for server in servers:
         status = server.stop()
         log = server.log()
-        if server.signals_resent:
-            warnings.warn(f"luanbd needed {server.signals_resent + 1} SIGTERMs to stop "
-                          "(the lost-signal bug of test_stop_signal_handled_by_another_thread)",
-                          stacklevel=1)
         if "Traceback" in log:
             failures.append(f"a Python traceback in luanbd's stderr:\n{log}")
         if server.expect_status is not None and status != server.expect_status:
