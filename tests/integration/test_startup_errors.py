@@ -8,8 +8,10 @@ them (nbdkit 1.32.5 gives the same text with ``nbdkit`` in place of ``luanbd``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from luanbd_procs import SCRIPTS, line_of, run_luanbd, script
+from luanbd_procs import SCRIPTS, client_env, line_of, run_luanbd, script
 
 DISK = script("disk.lua")
 CONFIG_LINE = line_of(DISK, 'error("config failed")')
@@ -140,3 +142,30 @@ def test_startup_error_with_dot_slash_path() -> None:
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "luanbd: error: could not run Lua script: ./toplevel_error.lua:5: top level failure"]
+
+
+@pytest.mark.timeout(30)
+def test_unwritable_pidfile_exits_1_and_cleans_up(tmp_path: Path) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    result = run_luanbd("-f", "-U", "-", "-P", "/nonexistent-dir/x.pid", "disk.lua",
+                        cwd=SCRIPTS, env=client_env(TMPDIR=str(tmpdir)))
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("luanbd: error: ")
+    assert "/nonexistent-dir/x.pid" in result.stderr
+    assert list(tmpdir.iterdir()) == []  # the private socket directory is removed
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an unwritable -P pidfile is reported with "
+                   "Python's OSError text: \"luanbd: error: [Errno 2] No such file or "
+                   "directory: '/nonexistent-dir/x.pid'\" (nbdkit: \"/nonexistent-dir/x.pid: "
+                   "No such file or directory\")")
+@pytest.mark.timeout(30)
+def test_unwritable_pidfile_message() -> None:
+    result = run_luanbd("-f", "-U", "-", "-P", "/nonexistent-dir/x.pid", "disk.lua",
+                        cwd=SCRIPTS)
+    assert result.returncode == 1
+    assert "[Errno" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "luanbd: error: /nonexistent-dir/x.pid: No such file or directory"]
