@@ -256,7 +256,7 @@ def test_pidfile_and_sigterm(start_server: StartServer, workdir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT], ids=["SIGINT", "SIGQUIT"])
 def test_other_stop_signals_exit_0(start_server: StartServer, sig: int) -> None:
     server = start_server(DISK)
     assert server.stop(sig) == 0
@@ -323,7 +323,7 @@ def test_stop_signal_handled_by_another_thread(start_server: StartServer) -> Non
                    "outright (status -15, the -U - directory left behind) and SIGINT prints a "
                    "KeyboardInterrupt traceback")
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_once_ready(workdir: Path, sig: int) -> None:
     # A supervisor waits for the pidfile, then may stop the server at any time.
     # slow_after_fork.lua keeps luanbd in after_fork() for 2 s after the pidfile appears.
