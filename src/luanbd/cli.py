@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from luanbd import __version__, log
 from luanbd.backend.interface import StartupError
-from luanbd.config import ServerConfig
+from luanbd.config import ServerConfig, UsageError
 from luanbd.log import LogTo
 from luanbd.protocol.constants import HandshakeFlag
 from luanbd.protocol.handshake import TlsMode
@@ -40,10 +40,6 @@ luanbd [-V|--version]
 SCRIPT_HELP = """\
 script=<FILENAME>     (required) The Lua script to run.
 [other arguments may be used by the plugin that you load]"""
-
-
-class UsageError(Exception):
-    """A command-line mistake: one line, exit status 1."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -14,6 +14,10 @@ DEFAULT_PORT = 10809
 DEFAULT_THREADS = 16
 
 
+class UsageError(Exception):
+    """A command-line mistake: ``luanbd: <message>`` (no ``error:``, as nbdkit), exit 1."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     script: str

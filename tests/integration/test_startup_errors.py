@@ -113,9 +113,6 @@ def test_bad_key_value_exits_1(case: str) -> None:
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: luanbd prints 'luanbd: error: expecting "
-                   "key=value ...' where nbdkit prints '<prog>: expecting key=value ...' "
-                   "(a command-line mistake, without 'error: ')")
 @pytest.mark.timeout(30)
 def test_bad_key_value_message_matches_nbdkit() -> None:
     result = run_luanbd("-U", "-", "--run", "echo SERVED", "disk.lua", "size=1M", "extra",
@@ -157,10 +154,6 @@ def test_unwritable_pidfile_exits_1_and_cleans_up(tmp_path: Path) -> None:
     assert list(tmpdir.iterdir()) == []  # the private socket directory is removed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unwritable -P pidfile is reported with "
-                   "Python's OSError text: \"luanbd: error: [Errno 2] No such file or "
-                   "directory: '/nonexistent-dir/x.pid'\" (nbdkit: \"/nonexistent-dir/x.pid: "
-                   "No such file or directory\")")
 @pytest.mark.timeout(30)
 def test_unwritable_pidfile_message() -> None:
     result = run_luanbd("-f", "-U", "-", "-P", "/nonexistent-dir/x.pid", "disk.lua",

@@ -19,7 +19,7 @@ from types import FrameType
 from luanbd import __version__, log
 from luanbd.backend import current
 from luanbd.backend.interface import StartupError
-from luanbd.config import DEFAULT_PORT, ServerConfig
+from luanbd.config import DEFAULT_PORT, ServerConfig, UsageError
 from luanbd.log import LogTo
 from luanbd.lua.plugin import CALLBACKS, LuaPlugin
 from luanbd.server import captive
@@ -39,7 +39,7 @@ def load_plugin(config: ServerConfig) -> LuaPlugin:
     for key, value in config.params:
         name = magic if key is None else key
         if name is None:
-            raise StartupError(f"expecting key=value on the command line but got: {value}")
+            raise UsageError(f"expecting key=value on the command line but got: {value}")
         plugin.config(name, value)
     return plugin
 
@@ -86,6 +86,9 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
             return 0
         plugin.config_complete()
         plugin.get_ready()
+    except UsageError as err:
+        print(f"{log.PROGRAM}: {err}", file=sys.stderr)
+        return 1
     except StartupError as err:
         log.error(str(err))
         return 1
@@ -108,6 +111,11 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
     private_dir: str | None = None
     listener: Listener | None = None
     endpoint = captive.Endpoint(export_name=config.export_name)
+    # Before anything a signal could interrupt: a SIGTERM sent as soon as the pidfile
+    # exists must stop us cleanly, not kill us (nbdkit installs its handlers first too).
+    _install_signals(service)
+    # Daemonising changes directory to /: a relative pidfile means relative to here.
+    pidfile = os.path.abspath(config.pidfile) if config.pidfile else None
     try:
         if not config.single:
             if config.private_socket or config.unix_socket:
@@ -124,9 +132,12 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
                 listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
                 endpoint = captive.Endpoint(port=port, export_name=config.export_name)
         ready = _daemonize(config) if not config.foreground else None
-        if config.pidfile:
-            with open(config.pidfile, "w") as f:
-                f.write(f"{os.getpid()}\n")
+        if pidfile:
+            try:
+                with open(pidfile, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            except OSError as err:
+                raise StartupError(f"{pidfile}: {err.strerror}") from None
         plugin.after_fork()
         if ready is not None:
             os.write(ready, b"r")  # the waiting parent may exit now: we serve
@@ -137,7 +148,6 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
             shutil.rmtree(private_dir, ignore_errors=True)
         return 1
 
-    _install_signals(service)
     if config.exit_with_parent:
         _exit_with_parent()
     status = 0
