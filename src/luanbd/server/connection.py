@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 #: Size of the receive buffer: holds many pipelined request headers or a good part of a write.
 RECV_SIZE = 256 * 1024
+#: A client gets this long to finish negotiating (greeting to NBD_OPT_GO): a client that
+#: connects and trickles or says nothing holds a thread, never a lock, and not forever.
+HANDSHAKE_TIMEOUT = 60.0
 #: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
 MAX_IOV = 1024
 
@@ -77,6 +80,7 @@ class Connection:
             # serialize_requests/parallel scripts get a Lua state of their own per
             # connection (plugin_for_connection); the others share one.
             self.plugin, self.lock = self.service.plugin_for_connection()
+            self.sock.settimeout(HANDSHAKE_TIMEOUT)
             with self.service.locks.connection():
                 self._preconnect()
                 if self.service.config.oldstyle:
@@ -85,7 +89,10 @@ class Connection:
                     self._newstyle()
         except ProtocolViolation as err:
             log.error(f"conn {self.number}: {err}")
-        except (ClientGone, ConnectionError, TimeoutError):
+        except TimeoutError:
+            log.error(f"conn {self.number}: client did not finish the handshake within "
+                      f"{HANDSHAKE_TIMEOUT:g} seconds")
+        except (ClientGone, ConnectionError):
             log.debug(f"conn {self.number}: client closed the connection")
         except (PluginError, StartupError) as err:
             log.error(str(err))
@@ -241,6 +248,7 @@ class Connection:
 
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
+        self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
         parser = RequestParser(trailing, RECV_SIZE)
         handle = self._handle
         recv_into = self.sock.recv_into
