@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: Size of the receive buffer: holds many pipelined request headers or a good part of a write.
 RECV_SIZE = 256 * 1024
+#: The handshake's messages are small: a small buffer keeps idle connections cheap.
+HANDSHAKE_RECV_SIZE = 16 * 1024
 #: A client gets this long to finish negotiating (greeting to NBD_OPT_GO): a client that
 #: connects and trickles or says nothing holds a thread, never a lock, and not forever.
 HANDSHAKE_TIMEOUT = 60.0
@@ -67,7 +69,7 @@ class Connection:
         self.ctx: BackendContext | None = None
         self.plugin: Plugin = service.plugin
         self.lock: AbstractContextManager[object] = service.shared_lock
-        self._buf = bytearray(RECV_SIZE)
+        self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
         self._closing = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
