@@ -8,6 +8,9 @@ and exit 1, as nbdkit does (argparse would exit 2).
 from __future__ import annotations
 
 import argparse
+import grp
+import os
+import pwd
 import re
 import sys
 from typing import NoReturn
@@ -29,12 +32,17 @@ luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--mask-handshake=MASK] [-n|--newstyle] [--no-sr] [--no-mc] [-o|--oldstyle]
        [-P|--pidfile PIDFILE] [-p|--port PORT] [-r|--readonly]
        [--run 'COMMAND ARGS ...'] [-s|--single] [-t|--threads THREADS]
-       [--tls=off] [-U|--unix SOCKET|-] [-v|--verbose]
+       [--tls=off|on|require] [--tls-certificates /path/to/certificates]
+       [--tls-psk /path/to/pskfile] [--tls-verify-peer]
+       [-D|--debug NAME.FLAG=N] [--keepalive] [--print-uri]
+       [-u|--user USER] [-g|--group GROUP]
+       [-U|--unix SOCKET|-] [-v|--verbose]
        [lua] SCRIPT.lua [script=SCRIPT.lua] [KEY=VALUE ...]
 
 luanbd [lua] SCRIPT.lua --dump-plugin
 luanbd [lua] [SCRIPT.lua] --help
 luanbd [-V|--version]
+luanbd --dump-config
 """
 
 SCRIPT_HELP = """\
@@ -59,6 +67,7 @@ def _parser() -> _Parser:
     a("-e", "--exportname", "--export-name", "--export", default="")
     a("--exit-with-parent", action="store_true")
     a("-f", "--foreground", "--no-fork", action="store_true")
+    a("-g", "--group")
     a("--filter", action="append", default=[])
     a("-h", "--help", action="store_true")
     a("-i", "--ipaddr", "--ip-addr")
@@ -76,10 +85,17 @@ def _parser() -> _Parser:
     a("-s", "--single", "--stdin", action="store_true")
     a("-t", "--threads", type=int)
     a("--tls", default="off")
+    a("--tls-certificates")
+    a("--tls-psk")
+    a("--tls-verify-peer", action="store_true")
+    a("--keepalive", action="store_true")
+    a("--print-uri", action="store_true")
+    a("-u", "--user")
     a("-U", "--unix")
     a("-v", "--verbose", action="store_true")
     a("-V", "--version", action="store_true")
     a("--dump-plugin", action="store_true")
+    a("--dump-config", action="store_true")
     a("args", nargs="*")
     return p
 
@@ -92,6 +108,7 @@ class Command:
         self.help = False
         self.version = False
         self.dump_plugin = False
+        self.dump_config = False
         self.script: str | None = None
 
 
@@ -117,13 +134,93 @@ def split_params(args: list[str]) -> tuple[str | None, list[tuple[str | None, st
     return script, params
 
 
+def resolve_script(name: str) -> str:
+    """An installed plugin: ``NAME`` (no ``/``, no ``.lua``, not a file here) runs
+    ``NAME.lua`` from the plugin directory (``--dump-config`` prints it)."""
+    if "/" in name or name.endswith(".lua") or os.path.exists(name):
+        return name
+    from luanbd.config import plugin_dir
+
+    path = os.path.join(plugin_dir(), f"{name}.lua")
+    if os.path.isfile(path):
+        return path
+    raise UsageError(f"{name}: no such file, and no {name}.lua in the plugin directory "
+                     f"{plugin_dir()}")
+
+
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+_FALSE = ("0", "false", "f", "no", "n", "off")
+
+
+def parse_tls(value: str) -> TlsMode:
+    """nbdkit's --tls: require/required/force, or any boolean (on/off, yes/no, 1/0...)."""
+    v = value.lower()
+    if v in ("require", "required", "force"):
+        return TlsMode.REQUIRE
+    if v in _TRUE:
+        return TlsMode.ON
+    if v in _FALSE:
+        return TlsMode.OFF
+    raise UsageError(f"--tls: could not decode the --tls option: {value}")
+
+
+def parse_debug_flag(flag: str) -> tuple[str, str, int]:
+    """``-D NAME.FLAG=N`` -> (NAME, FLAG, N), as nbdkit (N accepts 0x and 0 prefixes)."""
+    name_flag, eq, value = flag.partition("=")
+    name, dot, flagname = name_flag.partition(".")
+    try:
+        number = int(value, 0) if eq else None
+    except ValueError:
+        number = None
+    if not (name and dot and flagname) or number is None:
+        raise UsageError(f"-D (Debug Flag) must have the format NAME.FLAG=N: {flag}")
+    return name, flagname, number
+
+
+def _user_id(name: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+    raise UsageError(f"-u option: user {name} not found")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+    raise UsageError(f"-g option: group {name} not found")
+
+
+def socket_activation_fds() -> int:
+    """systemd socket activation: the number of listening fds (from 3 on) passed to us,
+    0 if LISTEN_PID is not our pid.  The variables are removed from our environment, so
+    that the script's children do not see them."""
+    pid, fds = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
+    if not pid or not fds:
+        return 0
+    if not pid.isdigit() or int(pid) != os.getpid():
+        return 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if not fds.isdigit() or int(fds) < 1:
+        raise UsageError(f"socket activation: LISTEN_FDS={fds}: not a positive number")
+    return int(fds)
+
+
 def parse_args(argv: list[str]) -> Command:
     ns = _parser().parse_intermixed_args(argv)
     cmd = Command()
     cmd.help, cmd.version, cmd.dump_plugin = ns.help, ns.version, ns.dump_plugin
+    cmd.dump_config = ns.dump_config
     script, params = split_params(ns.args)
+    if script is not None:
+        script = resolve_script(script)
     cmd.script = script
-    if cmd.help or cmd.version:
+    if cmd.help or cmd.version or cmd.dump_config:
         return cmd
     if script is None:
         if params:
@@ -131,8 +228,21 @@ def parse_args(argv: list[str]) -> Command:
         raise UsageError("no Lua script given (try: luanbd SCRIPT.lua, or luanbd --help)")
     if ns.filter:
         raise UsageError("--filter: filters are not supported by luanbd")
-    if ns.tls not in ("off", "false", "no", "0"):
-        raise UsageError(f"--tls={ns.tls}: TLS is not supported yet (only --tls=off)")
+    tls = parse_tls(ns.tls)
+    if ns.tls_psk is not None:
+        from luanbd.server.tls import psk_unsupported_message
+
+        raise UsageError(psk_unsupported_message())
+    if tls is TlsMode.REQUIRE and ns.oldstyle:
+        raise UsageError("cannot use --tls=require and oldstyle (-o) together")
+    debug_flags = tuple(ns.debug)
+    for flag in debug_flags:
+        parse_debug_flag(flag)
+    uid = _user_id(ns.user) if ns.user is not None else None
+    gid = _group_id(ns.group) if ns.group is not None else None
+    listen_fds = socket_activation_fds()
+    if listen_fds and (ns.ipaddr or ns.port or ns.unix or ns.single or ns.run is not None):
+        raise UsageError("cannot use socket activation with -i, -p, -s, -U or --run options")
     if ns.unix and ns.port:
         raise UsageError("-p and -U options cannot be used together")
     if ns.single and (ns.unix or ns.port or ns.run):
@@ -156,7 +266,8 @@ def parse_args(argv: list[str]) -> Command:
         script=script,
         params=tuple(params),
         lua=ns.lua,
-        foreground=ns.foreground or ns.run is not None or ns.exit_with_parent or ns.single,
+        foreground=(ns.foreground or ns.run is not None or ns.exit_with_parent or ns.single
+                    or bool(listen_fds)),
         unix_socket=None if ns.unix in (None, "-") else ns.unix,
         private_socket=ns.unix == "-",
         port=port,
@@ -174,9 +285,16 @@ def parse_args(argv: list[str]) -> Command:
         structured_replies=not ns.no_sr,
         meta_contexts=not ns.no_mc,
         handshake_flags=flags,
-        tls=TlsMode.OFF,
+        tls=tls,
         log_to=LogTo(ns.log) if ns.log else None,
-        debug_flags=tuple(ns.debug),
+        debug_flags=debug_flags,
+        tls_certificates=ns.tls_certificates,
+        tls_verify_peer=ns.tls_verify_peer,
+        keepalive=ns.keepalive,
+        print_uri=ns.print_uri,
+        uid=uid,
+        gid=gid,
+        listen_fds=listen_fds,
     )
     return cmd
 
@@ -197,7 +315,46 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.version:
         print(f"luanbd {__version__}")
         return 0
+    if cmd.dump_config:
+        print(dump_config(), flush=True)
+        return 0
     if cmd.help:
         return lifecycle.print_help(cmd.script, USAGE, SCRIPT_HELP)
     assert cmd.config is not None
     return lifecycle.run(cmd.config, dump_plugin=cmd.dump_plugin)
+
+
+def lua_versions() -> list[str]:
+    """The --lua choices whose lupa runtime is installed."""
+    import importlib.util
+
+    from luanbd.lua.plugin import LUA_MODULES
+
+    found = []
+    for name, module in LUA_MODULES.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found.append(name)
+        except (ImportError, ValueError):
+            pass
+    return found
+
+
+def dump_config() -> str:
+    """``key=value`` build facts, as ``nbdkit --dump-config``."""
+    from luanbd.config import plugin_dir
+
+    major, minor = __version__.split(".")[:2]
+    binary = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "luanbd"
+    lines = [
+        f"binary={binary}",
+        "exit_with_parent=yes",
+        f"lua_versions={','.join(lua_versions())}",
+        f"plugindir={plugin_dir()}",
+        "tls=yes",
+        "tls_psk=no",
+        f"version={__version__}",
+        f"version_major={major}",
+        f"version_minor={minor}",
+    ]
+    return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 
 from luanbd.log import LogTo
@@ -12,6 +14,16 @@ from luanbd.protocol.handshake import TlsMode
 DEFAULT_PORT = 10809
 #: nbdkit's default number of worker threads per connection for parallel plugins.
 DEFAULT_THREADS = 16
+
+
+#: Environment variable that overrides the installed plugins' directory.
+PLUGINDIR_ENV = "LUANBD_PLUGINDIR"
+
+
+def plugin_dir() -> str:
+    """Where installed scripts live: ``$LUANBD_PLUGINDIR``, else ``<prefix>/lib/luanbd/plugins``
+    (``prefix`` is the installation's: the virtualenv or /usr/local...)."""
+    return os.environ.get(PLUGINDIR_ENV) or os.path.join(sys.prefix, "lib", "luanbd", "plugins")
 
 
 class UsageError(Exception):
@@ -47,3 +59,15 @@ class ServerConfig:
     tls: TlsMode = TlsMode.OFF
     log_to: LogTo | None = None
     debug_flags: tuple[str, ...] = field(default=())
+    #: --tls-certificates: nbdkit's layout (server-cert.pem, server-key.pem, ca-cert.pem).
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    #: SO_KEEPALIVE on accepted TCP connections.
+    keepalive: bool = False
+    #: Print the URI to stdout once listening.
+    print_uri: bool = False
+    #: -u / -g, resolved to ids: privileges dropped once the sockets are bound.
+    uid: int | None = None
+    gid: int | None = None
+    #: Socket activation: this many listening sockets from fd 3 on (LISTEN_FDS).
+    listen_fds: int = 0

@@ -316,6 +316,12 @@ class ServerHandshake:
         self._state = _State.OPTIONS
         return option_reply(option, reply, message.encode())
 
+    @property
+    def pending_input(self) -> int:
+        """How many received bytes are not processed yet.  Non-zero when STARTTLS is
+        acknowledged means the client pipelined plaintext: close instead of starting TLS."""
+        return len(self._buffer)
+
     def tls_established(self) -> None:
         """The TLS handshake after STARTTLS succeeded: start negotiation afresh over TLS."""
         self._take_pending(StartTlsRequested)

@@ -8,6 +8,8 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass
 
+from luanbd.protocol.handshake import TlsMode
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -16,14 +18,18 @@ class Endpoint:
     unix_socket: str | None = None
     port: int | None = None
     export_name: str = ""
+    tls: TlsMode = TlsMode.OFF
 
     @property
     def uri(self) -> str:
         name = urllib.parse.quote(self.export_name, safe="")
+        # nbds when TLS is required (a client must use TLS), as nbdkit.
+        s = "s" if self.tls is TlsMode.REQUIRE else ""
         if self.unix_socket is not None:
             path = f"/{name}" if name else ""
-            return f"nbd+unix://{path}?socket={urllib.parse.quote(self.unix_socket, safe='/')}"
-        return f"nbd://localhost:{self.port}" + (f"/{name}" if name else "")
+            socket = urllib.parse.quote(self.unix_socket, safe="/")
+            return f"nbd{s}+unix://{path}?socket={socket}"
+        return f"nbd{s}://localhost:{self.port}" + (f"/{name}" if name else "")
 
 
 def environment(endpoint: Endpoint) -> dict[str, str]:
@@ -32,7 +38,12 @@ def environment(endpoint: Endpoint) -> dict[str, str]:
     env.update(uri=uri, nbd=uri, exportname=endpoint.export_name,
                port="" if endpoint.port is None else str(endpoint.port),
                unixsocket=endpoint.unix_socket or "")
-    env.pop("tls", None)  # unset while TLS is off, as nbdkit
+    # $tls: unset while TLS is off, 1 for --tls=on, 2 for --tls=require, as nbdkit.
+    tls = {TlsMode.ON: "1", TlsMode.REQUIRE: "2"}.get(endpoint.tls)
+    if tls is None:
+        env.pop("tls", None)
+    else:
+        env["tls"] = tls
     return env
 
 

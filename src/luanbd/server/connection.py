@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import threading
 import traceback
 from contextlib import AbstractContextManager
@@ -72,6 +73,8 @@ class Connection:
         self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
         self._closing = False
+        #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
+        self._tls = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -125,7 +128,9 @@ class Connection:
     def shutdown_read(self) -> None:
         """Wake a recv() blocked on this connection (server shutdown): it sees EOF."""
         try:
-            self.sock.shutdown(socket.SHUT_RD)
+            # socket.socket's shutdown, not SSLSocket's (which drops the TLS object under
+            # the thread that is reading).
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
         except OSError:
             pass
 
@@ -143,6 +148,11 @@ class Connection:
     def _send_buffers(self, buffers: Buffers) -> None:
         """Send a batch of replies with as few syscalls as possible (sendmsg gathers)."""
         sock = self.sock
+        if self._tls:
+            # SSLSocket has no sendmsg: one record stream, so join and sendall.
+            if buffers:
+                sock.sendall(b"".join(buffers))
+            return
         while buffers:
             batch = buffers[:MAX_IOV]
             sent = sock.sendmsg(batch)
@@ -194,7 +204,13 @@ class Connection:
                 info = self._open_export(event.export_name)
                 self._send(hs.export_name_reply(info))
             elif isinstance(event, StartTlsRequested):
-                raise ProtocolViolation("STARTTLS accepted without TLS support")
+                self._send(queued)
+                if hs.pending_input:
+                    # Never let plaintext sent after STARTTLS count as protected by TLS.
+                    raise ProtocolViolation("client sent data in plaintext after "
+                                            "NBD_OPT_STARTTLS")
+                self._start_tls()
+                hs.tls_established()
         self._send(hs.data_to_send())
         negotiated = hs.negotiated
         if negotiated is None:
@@ -203,11 +219,24 @@ class Connection:
                   f"flags {negotiated.flags}")
         self._transmission(Session.from_negotiated(negotiated), negotiated.trailing_data)
 
+    def _start_tls(self) -> None:
+        """The server side of the TLS handshake after NBD_OPT_STARTTLS was acknowledged."""
+        context = self.service.ssl_context
+        if context is None:
+            raise ProtocolViolation("STARTTLS accepted without a TLS context")
+        try:
+            self.sock = context.wrap_socket(self.sock, server_side=True)
+        except ssl.SSLError as err:
+            raise ProtocolViolation(f"TLS handshake failed: {err.reason or err}") from None
+        self._tls = True
+        self.info.is_tls = True
+        log.debug(f"conn {self.number}: TLS established ({self.sock.version()})")
+
     def _list_reply(self, hs: ServerHandshake) -> bytes:
         service = self.service
         try:
             with self.lock:
-                exports = self.plugin.list_exports(service.config.readonly, False)
+                exports = self.plugin.list_exports(service.config.readonly, self.info.is_tls)
         except PluginError as err:
             log.error(str(err))
             return hs.option_error_reply(Rep.ERR_PLATFORM, "could not list exports")
@@ -233,7 +262,7 @@ class Connection:
         canonical: bytes | None = name
         if name == b"":
             with self.lock:
-                canonical = self.plugin.default_export(readonly, False)
+                canonical = self.plugin.default_export(readonly, self.info.is_tls)
             if canonical is None:
                 raise PluginError("default_export", "the default export is not available")
         self.info.export_name = canonical

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -22,8 +23,15 @@ from luanbd.backend.interface import StartupError
 from luanbd.config import DEFAULT_PORT, ServerConfig, UsageError
 from luanbd.log import LogTo
 from luanbd.lua.plugin import CALLBACKS, LuaPlugin
-from luanbd.server import captive
-from luanbd.server.listener import BindError, Listener, bind_tcp, bind_unix
+from luanbd.protocol.handshake import TlsMode
+from luanbd.server import captive, tls
+from luanbd.server.listener import (
+    BindError,
+    Listener,
+    activated_sockets,
+    bind_tcp,
+    bind_unix,
+)
 from luanbd.server.service import Service
 
 #: How long connections get to finish their in-flight request when the server stops.
@@ -76,10 +84,13 @@ def print_help(script: str | None, usage: str, script_help: str) -> int:
 
 def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
     """Run the server (or ``--dump-plugin``) and return the exit status."""
-    log.verbose = config.verbose
+    log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
     if config.log_to is not None:
         log.set_destination(config.log_to)
+    ssl_context = None
     try:
+        if config.tls is not TlsMode.OFF and not dump_plugin:
+            ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
         plugin = load_plugin(config)
         if dump_plugin:
             globals()["dump_plugin"](plugin)
@@ -92,7 +103,21 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
     except StartupError as err:
         log.error(str(err))
         return 1
-    return _serve(plugin, config)
+    return _serve(plugin, config, ssl_context)
+
+
+def _debug_flags_enable_debug(flags: tuple[str, ...]) -> bool:
+    """``-D luanbd.X=N`` / ``-D lua.X=N`` with N != 0 turn on debug messages; other
+    names (nbdkit's own ``nbdkit.*``, a plugin's) are accepted and have no effect."""
+    for flag in flags:
+        name_flag, _, value = flag.partition("=")
+        if name_flag.split(".", 1)[0] in ("luanbd", "lua"):
+            try:
+                if int(value, 0):
+                    return True
+            except ValueError:
+                pass
+    return False
 
 
 def connection_plugin_factory(config: ServerConfig) -> LuaPlugin:
@@ -105,19 +130,23 @@ def connection_plugin_factory(config: ServerConfig) -> LuaPlugin:
     return plugin
 
 
-def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
+def _serve(plugin: LuaPlugin, config: ServerConfig,
+           ssl_context: ssl.SSLContext | None = None) -> int:
     service = Service(plugin, config, lambda: connection_plugin_factory(config))
+    service.ssl_context = ssl_context
     current.request_shutdown = service.request_shutdown
     private_dir: str | None = None
     listener: Listener | None = None
-    endpoint = captive.Endpoint(export_name=config.export_name)
+    endpoint: captive.Endpoint | None = None
     # Before anything a signal could interrupt: a SIGTERM sent as soon as the pidfile
     # exists must stop us cleanly, not kill us (nbdkit installs its handlers first too).
     _install_signals(service)
     # Daemonising changes directory to /: a relative pidfile means relative to here.
     pidfile = os.path.abspath(config.pidfile) if config.pidfile else None
     try:
-        if not config.single:
+        if config.listen_fds:
+            listener = Listener(activated_sockets(config.listen_fds))
+        elif not config.single:
             if config.private_socket or config.unix_socket:
                 if config.private_socket:
                     private_dir = tempfile.mkdtemp(prefix="luanbd")
@@ -126,11 +155,16 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
                     assert config.unix_socket is not None
                     path = os.path.abspath(config.unix_socket)
                 listener = Listener([bind_unix(path)])
-                endpoint = captive.Endpoint(unix_socket=path, export_name=config.export_name)
+                endpoint = captive.Endpoint(unix_socket=path, export_name=config.export_name,
+                                            tls=config.tls)
             else:
                 port = config.port or DEFAULT_PORT
                 listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
-                endpoint = captive.Endpoint(port=port, export_name=config.export_name)
+                endpoint = captive.Endpoint(port=port, export_name=config.export_name,
+                                            tls=config.tls)
+        _drop_privileges(config)
+        if config.print_uri and endpoint is not None:
+            print(endpoint.uri, flush=True)
         ready = _daemonize(config) if not config.foreground else None
         if pidfile:
             try:
@@ -165,8 +199,10 @@ def _serve(plugin: LuaPlugin, config: ServerConfig) -> int:
             assert listener is not None
             listener.start(service.handle)
             if config.run is not None:
+                assert endpoint is not None
 
                 def run_captive() -> None:
+                    assert endpoint is not None
                     result.append(captive.run_command(config.run or "", endpoint))
                     service.request_shutdown()
 
@@ -201,6 +237,21 @@ def _install_signals(service: Service) -> None:
         # The kernel may deliver a signal to any thread; the wake-up fd makes sure the main
         # thread, waiting in wait_for_stop(), notices it at once.
         signal.set_wakeup_fd(service.wakeup_fd)
+
+
+def _drop_privileges(config: ServerConfig) -> None:
+    """-g / -u: give up root once the sockets are bound, as nbdkit (group first)."""
+    if config.gid is not None:
+        try:
+            os.setgroups([config.gid])
+            os.setgid(config.gid)
+        except OSError as err:
+            raise StartupError(f"-g: setgid: {err.strerror}") from None
+    if config.uid is not None:
+        try:
+            os.setuid(config.uid)
+        except OSError as err:
+            raise StartupError(f"-u: setuid: {err.strerror}") from None
 
 
 def _exit_with_parent() -> None:

@@ -59,6 +59,24 @@ def bind_tcp(host: str | None, port: int, family: int = 0) -> list[socket.socket
     return sockets
 
 
+#: systemd's first passed fd (SD_LISTEN_FDS_START).
+LISTEN_FDS_START = 3
+
+
+def activated_sockets(count: int) -> list[socket.socket]:
+    """The listening sockets systemd (or libnbd) passed as fds 3 .. 3+count-1."""
+    sockets = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count):
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            raise BindError(f"socket activation: fd {fd}: {err.strerror}") from None
+        sock.setblocking(True)
+        sockets.append(sock)
+    return sockets
+
+
 class Listener:
     """Accept on a set of listening sockets until :meth:`close`."""
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ class Service:
             meta_contexts=config.meta_contexts,
             tls=config.tls,
         )
+        #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
+        self.ssl_context: ssl.SSLContext | None = None
         self.shutting_down = threading.Event()
         #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
         self.stop = threading.Event()
@@ -68,6 +71,8 @@ class Service:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are batched already; Nagle would only add latency to each batch.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         conn = Connection(self, sock, next(self._numbers), peer)
         with self._lock:
             self._connections[conn] = start_thread(conn)
