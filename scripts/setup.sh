@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
-      qemu-utils fio python3-venv python3-pip openssl)
+      qemu-utils fio python3-venv python3-pip openssl systemd iproute2)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
