@@ -43,6 +43,54 @@ luanbd [lua] SCRIPT.lua --dump-plugin
 luanbd [lua] [SCRIPT.lua] --help
 luanbd [-V|--version]
 luanbd --dump-config
+
+Basic options:
+  -f, --foreground, --no-fork      do not go to the background
+  -r, --readonly, --read-only      read-only export
+  -e, --exportname NAME            export name used in $uri and $exportname of --run
+
+Listening options:
+  -U, --unix SOCKET|-              listen on a Unix socket (- for a private one)
+  -p, --port PORT                  TCP port (default 10809)
+  -i, --ipaddr IPADDR              listen on this address only
+  -4, --ipv4-only / -6, --ipv6-only
+  -s, --single, --stdin            serve one connection on stdin
+  --keepalive                      SO_KEEPALIVE on TCP connections
+  --print-uri                      print the URI of the server once listening
+  -n, --newstyle / -o, --oldstyle  handshake flavour (newstyle by default)
+  --no-sr, --no-mc                 refuse structured replies / meta contexts
+  --mask-handshake=MASK            mask the handshake's global flags
+
+TLS options:
+  --tls=off|on|require             STARTTLS policy (default off)
+  --tls-certificates DIR           ca-cert.pem, server-cert.pem, server-key.pem
+  --tls-verify-peer                require a client certificate
+  --tls-psk FILE                   refused: Python 3.11's ssl has no PSK server support
+
+Running options:
+  --run 'COMMAND ARGS ...'         run COMMAND with $uri set, then exit with its status
+  --exit-with-parent               exit when the parent process exits
+  -P, --pidfile PIDFILE            write the process ID once ready
+  -u, --user USER / -g, --group GROUP
+                                   drop privileges once the sockets are bound
+  -t, --threads THREADS            threads per connection (default 16)
+
+Plugin options:
+  --lua=5.4|5.1|5.2|5.3|5.5|luajit the Lua runtime (default 5.4)
+  --filter FILTER                  refused: luanbd has no filters
+
+Debug and logging options:
+  -v, --verbose                    debug messages
+  -D, --debug NAME.FLAG=N          debug flags (lua.* and luanbd.* turn on debug messages)
+  --log=stderr|syslog|null         where messages go
+
+Information options:
+  -h, --help                       this text (and the script's config_help)
+  -V, --version                    print the version
+  --dump-plugin                    facts about the script, as key=value lines
+  --dump-config                    build facts, as key=value lines
+
+See docs/luanbd.md for the full reference.
 """
 
 SCRIPT_HELP = """\

@@ -1,0 +1,90 @@
+"""Packaging: a wheel built from the source tree installs into a fresh virtualenv and its
+``luanbd`` command serves a disk to a real client.
+
+The wheel is built from a copy of the tree (pip builds in place, and would leave build/
+and egg-info behind in the checkout).  The fresh virtualenv uses Debian's python3 with
+``--system-site-packages`` so that libnbd's bindings stay importable; lupa comes from PyPI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from luanbd_procs import client_env
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _run(*args: str | Path, cwd: Path | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in args], check=False, capture_output=True, text=True,
+                            timeout=540, cwd=cwd, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A luanbd wheel built with pip from a copy of the source tree."""
+    tree = tmp_path_factory.mktemp("tree")
+    shutil.copy2(REPO / "pyproject.toml", tree)
+    shutil.copy2(REPO / "README.md", tree)
+    shutil.copytree(REPO / "src", tree / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = tmp_path_factory.mktemp("wheel")
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", out, tree)
+    wheels = list(out.glob("luanbd-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with the wheel (and lupa from PyPI) installed; returns its bin."""
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"{SYSTEM_PYTHON} not found")
+    path = tmp_path_factory.mktemp("venv")
+    _run(SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", path)
+    _run(path / "bin" / "python", "-m", "pip", "install", "--quiet", wheel)
+    return path / "bin"
+
+
+def test_wheel_contains_lua_runtime_and_py_typed(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "luanbd/lua/nbdkit.lua" in names, sorted(names)
+    assert "luanbd/py.typed" in names, sorted(names)
+    assert "luanbd/cli.py" in names, sorted(names)
+    entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert entry_points, sorted(names)
+    text = zipfile.ZipFile(wheel).read(entry_points[0]).decode()
+    assert "luanbd = luanbd.cli:main" in text, text
+
+
+def test_installed_wheel_serves_a_disk(venv: Path) -> None:
+    env = client_env()
+    # The fresh venv's bin first (for `luanbd` and its children), then the system tools.
+    env["PATH"] = f"{venv}:/usr/bin:/bin"
+    env.pop("VIRTUAL_ENV", None)
+    result = _run(venv / "luanbd", "-U", "-", REPO / "examples" / "ramdisk.lua", "size=16M",
+                  "--run", 'nbdinfo --size "$uri"', env=env, cwd=REPO)
+    assert result.stdout == f"{16 * 1024 * 1024}\n", result
+    # The installed command is the venv's, not the development one.
+    where = _run(venv / "python", "-c", "import luanbd; print(luanbd.__file__)", env=env,
+                 cwd=venv)
+    assert where.stdout.startswith(str(venv.parent)), where.stdout
+
+
+def test_installed_wheel_python_m_version(venv: Path) -> None:
+    result = _run(venv / "python", "-m", "luanbd", "-V", cwd=venv)
+    version = _run(venv / "python", "-c",
+                   "import importlib.metadata as m; print(m.version('luanbd'))", cwd=venv)
+    assert result.stdout == f"luanbd {version.stdout.strip()}\n", result
+    assert result.stderr == ""
