@@ -52,7 +52,7 @@ def load_plugin(config: ServerConfig) -> LuaPlugin:
     return plugin
 
 
-def dump_plugin(plugin: LuaPlugin) -> None:
+def print_plugin_facts(plugin: LuaPlugin) -> None:
     """nbdkit-style ``key=value`` lines, then the script's own dump_plugin output."""
     lines = [
         f"path={os.path.abspath(plugin.script)}",
@@ -93,7 +93,12 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
         plugin = load_plugin(config)
         if dump_plugin:
-            globals()["dump_plugin"](plugin)
+            try:
+                print_plugin_facts(plugin)
+            except BrokenPipeError:
+                # `luanbd s.lua --dump-plugin | head` is a normal thing to do: stop quietly
+                # (and keep Python from complaining again when it flushes stdout at exit).
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         plugin.config_complete()
         plugin.get_ready()
