@@ -94,6 +94,8 @@ def test_magics() -> None:
     assert c.REQUEST_MAGIC == v.REQUEST_MAGIC
     assert c.SIMPLE_REPLY_MAGIC == v.SIMPLE_REPLY_MAGIC
     assert c.STRUCTURED_REPLY_MAGIC == v.STRUCTURED_REPLY_MAGIC
+    assert c.EXTENDED_REQUEST_MAGIC == v.EXTENDED_REQUEST_MAGIC
+    assert c.EXTENDED_REPLY_MAGIC == v.EXTENDED_REPLY_MAGIC
 
 
 def test_wire_struct_sizes() -> None:

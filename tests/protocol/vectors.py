@@ -59,6 +59,10 @@ REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 #: "S: 32 bits, 0x668e33ef, magic (NBD_STRUCTURED_REPLY_MAGIC)"
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+#: "C: 32 bits, 0x21e41c71, magic (NBD_EXTENDED_REQUEST_MAGIC)" (extended headers)
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+#: "S: 32 bits, 0x6e8a278c, magic (NBD_EXTENDED_REPLY_MAGIC)" (extended headers)
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 #: proto.md "Reserved Magic values": historic request magic, and nbd-server's log magic.
 HISTORIC_REQUEST_MAGIC = 0x12560953
 RESERVED_LOG_MAGIC = 0x25609514
@@ -132,6 +136,7 @@ SPEC_COMMAND_FLAGS = {
     "NBD_CMD_FLAG_DF": 1 << 2,
     "NBD_CMD_FLAG_REQ_ONE": 1 << 3,
     "NBD_CMD_FLAG_FAST_ZERO": 1 << 4,
+    "NBD_CMD_FLAG_PAYLOAD_LEN": 1 << 5,
 }
 SPEC_REPLY_FLAGS = {"NBD_REPLY_FLAG_DONE": 1 << 0}
 SPEC_REPLY_TYPES = {
@@ -139,6 +144,7 @@ SPEC_REPLY_TYPES = {
     "NBD_REPLY_TYPE_OFFSET_DATA": 1,
     "NBD_REPLY_TYPE_OFFSET_HOLE": 2,
     "NBD_REPLY_TYPE_BLOCK_STATUS": 5,
+    "NBD_REPLY_TYPE_BLOCK_STATUS_EXT": 6,
     "NBD_REPLY_TYPE_ERROR": 2**15 + 1,
     "NBD_REPLY_TYPE_ERROR_OFFSET": 2**15 + 2,
 }
@@ -501,9 +507,10 @@ HANDSHAKE_VECTORS: tuple[HandshakeVector, ...] = (
        NEGOTIATING),
     _V("option-peek-export", (CF + option(OPT_PEEK_EXPORT),), (), rep(OPT_PEEK_EXPORT, ERR_UNSUP),
        NEGOTIATING, spec="NBD_OPT_PEEK_EXPORT (4) ... withdrawn ... not in use"),
-    _V("option-extended-headers-unsupported", (CF + option(OPT_EXTENDED_HEADERS),), (),
-       rep(OPT_EXTENDED_HEADERS, ERR_UNSUP), NEGOTIATING,
-       spec="nbdkit.md: EXTENDED_HEADERS (11) not implemented -> ERR_UNSUP"),
+    _V("option-extended-headers", (CF + option(OPT_EXTENDED_HEADERS),), (),
+       rep(OPT_EXTENDED_HEADERS, REP_ACK), NEGOTIATING,
+       spec="NBD_OPT_EXTENDED_HEADERS (11): the server replies with NBD_REP_ACK "
+            "(more in test_extended_headers.py)"),
     _V("option-payload-over-64MiB", (CF + option(99, length=64 * 1024 * 1024 + 1),), (), b"",
        VIOLATION,
        spec="if a server believes a client's behaviour constitutes a denial of service, it "

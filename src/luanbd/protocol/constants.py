@@ -17,6 +17,9 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+#: NBD_OPT_EXTENDED_HEADERS: request and reply magics of the 32-byte extended headers.
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 # --- Limits (each with the reason it has this value) --------------------------------------
 #: proto.md: strings such as export names "SHOULD" be at most 4096 bytes; nbdkit enforces it.
@@ -46,6 +49,8 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+EXTENDED_REQUEST_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
+EXTENDED_REPLY_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 
 
 class _SpecName:
@@ -155,6 +160,8 @@ class CmdFlag(_SpecName, enum.IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
+    #: Extended headers only: the length field is the length of a payload that follows.
+    PAYLOAD_LEN = 1 << 5
 
 
 class ReplyType(_SpecName, enum.IntEnum):
@@ -164,6 +171,9 @@ class ReplyType(_SpecName, enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    #: Extended headers only: 64-bit descriptors (u32 context id, u32 count, then
+    #: count x (u64 length, u64 status)).
+    BLOCK_STATUS_EXT = 6
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 

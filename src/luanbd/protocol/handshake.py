@@ -88,6 +88,8 @@ class HandshakeConfig:
     handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     #: False refuses NBD_OPT_STRUCTURED_REPLY (nbdkit ``--no-sr``).
     structured_replies: bool = True
+    #: False refuses NBD_OPT_EXTENDED_HEADERS (which needs structured replies too).
+    extended_headers: bool = True
     #: False refuses meta context negotiation (nbdkit ``--no-mc``).
     meta_contexts: bool = True
     tls: TlsMode = TlsMode.OFF
@@ -161,6 +163,8 @@ class Negotiated:
     base_allocation_id: int | None
     #: Bytes the client sent after the option that ended negotiation.
     trailing_data: bytes = field(repr=False, default=b"")
+    #: NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests, extended replies only.
+    extended_headers: bool = False
 
 
 def newstyle_greeting(flags: HandshakeFlag) -> bytes:
@@ -185,7 +189,7 @@ _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 #: Options whose payload we buffer and parse; every other option is skipped unread.
 _PARSED_OPTIONS = frozenset(
     {Opt.EXPORT_NAME, Opt.LIST, Opt.STARTTLS, Opt.INFO, Opt.GO, Opt.STRUCTURED_REPLY,
-     Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.ABORT}
+     Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.ABORT, Opt.EXTENDED_HEADERS}
 )
 
 
@@ -211,6 +215,7 @@ class ServerHandshake:
         # Everything here is wiped by STARTTLS (proto.md: state negotiated in plaintext must
         # not survive; nbdkit "Wipe out any cached state"; CVE-2021-3716).
         self.structured_replies = False
+        self.extended_headers = False
         self._listed = False
         self._meta_export: bytes | None = None
         self._meta_selected = False
@@ -361,6 +366,7 @@ class ServerHandshake:
             structured_replies=self.structured_replies,
             base_allocation_id=BASE_ALLOCATION_ID if self._meta_selected else None,
             trailing_data=bytes(self._buffer),
+            extended_headers=self.extended_headers,
         )
         self._buffer.clear()
 
@@ -496,9 +502,26 @@ class ServerHandshake:
             raise OptionError(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY with a payload")
         if not self.config.structured_replies:
             raise OptionError(Rep.ERR_UNSUP, "structured replies are disabled")
+        if self.extended_headers:
+            # Extended headers already imply structured replies; qemu answers this way.
+            raise OptionError(Rep.ERR_EXT_HEADER_REQD, "extended headers already negotiated")
         # A repeat is acknowledged again, as nbdkit 1.32 does.
         self.structured_replies = True
         self._outbox.append(option_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+        return None
+
+    def _opt_extended_headers(self, payload: bytes) -> HandshakeEvent | None:
+        if payload:
+            raise OptionError(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS with a payload")
+        if not (self.config.extended_headers and self.config.structured_replies):
+            raise OptionError(Rep.ERR_UNSUP, "extended headers are disabled")
+        if self.extended_headers:
+            raise OptionError(Rep.ERR_INVALID, "extended headers already negotiated")
+        # The ACK also turns structured replies on (proto.md); after STRUCTURED_REPLY it is
+        # still acknowledged.
+        self.extended_headers = True
+        self.structured_replies = True
+        self._outbox.append(option_reply(Opt.EXTENDED_HEADERS, Rep.ACK))
         return None
 
     def _meta_queries(self, opt: Opt, payload: bytes) -> tuple[bytes, list[bytes]]:
@@ -564,6 +587,7 @@ class ServerHandshake:
         Opt.STRUCTURED_REPLY: _opt_structured_reply,
         Opt.LIST_META_CONTEXT: _opt_list_meta_context,
         Opt.SET_META_CONTEXT: _opt_set_meta_context,
+        Opt.EXTENDED_HEADERS: _opt_extended_headers,
     }
 
 

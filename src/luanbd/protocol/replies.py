@@ -1,4 +1,6 @@
-"""Reply encoders for the transmission phase: simple and structured (proto.md "Replies").
+"""Reply encoders for the transmission phase: simple, structured and extended (proto.md
+"Replies").  Once extended headers are negotiated every reply is an extended reply chunk
+(``ext_*``): no simple replies, and block status uses NBD_REPLY_TYPE_BLOCK_STATUS_EXT.
 
 Each returns a list of buffers so that large READ payloads are sent without being copied.
 """
@@ -9,6 +11,8 @@ import struct
 from collections.abc import Iterable
 
 from luanbd.protocol.constants import (
+    EXTENDED_REPLY_HEADER,
+    EXTENDED_REPLY_MAGIC,
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_HEADER,
@@ -24,6 +28,8 @@ _U64 = struct.Struct(">Q")
 _ERROR_PAYLOAD = struct.Struct(">IH")
 _U32 = struct.Struct(">I")
 _DESCRIPTOR = struct.Struct(">II")
+_EXT_STATUS_PREFIX = struct.Struct(">II")  # context id, descriptor count
+_EXT_DESCRIPTOR = struct.Struct(">QQ")  # length, status
 
 
 def simple_reply(cookie: int, error: NbdError = NbdError.OK,
@@ -54,3 +60,34 @@ def block_status_reply(cookie: int, context_id: int,
     header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
                                           ReplyType.BLOCK_STATUS, cookie, 4 + len(body))
     return [header + _U32.pack(context_id) + body]
+
+
+# --- Extended headers: every reply is a 32-byte extended reply header + payload --------------
+def ext_reply(cookie: int, offset: int, reply_type: ReplyType = ReplyType.NONE,
+              length: int = 0, flags: ReplyFlag = ReplyFlag.DONE) -> bytes:
+    """An extended reply header; ``offset`` echoes the request's offset.  The default is
+    the final NBD_REPLY_TYPE_NONE chunk that answers a request needing no payload."""
+    return EXTENDED_REPLY_HEADER.pack(EXTENDED_REPLY_MAGIC, flags, reply_type, cookie,
+                                      offset, length)
+
+
+def ext_read_reply(cookie: int, offset: int, data: bytes | memoryview) -> Buffers:
+    """A successful READ: one final NBD_REPLY_TYPE_OFFSET_DATA chunk."""
+    header = ext_reply(cookie, offset, ReplyType.OFFSET_DATA, 8 + len(data))
+    return [header + _U64.pack(offset), data]
+
+
+def ext_error_reply(cookie: int, offset: int, error: NbdError,
+                    message: bytes = b"") -> Buffers:
+    """A final NBD_REPLY_TYPE_ERROR chunk (the error reply for every command)."""
+    header = ext_reply(cookie, offset, ReplyType.ERROR, 6 + len(message))
+    return [header + _ERROR_PAYLOAD.pack(error, len(message)) + message]
+
+
+def ext_block_status_reply(cookie: int, offset: int, context_id: int,
+                           extents: Iterable[tuple[int, int]]) -> Buffers:
+    """A final NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk of 64-bit (length, status) descriptors."""
+    descriptors = [_EXT_DESCRIPTOR.pack(length, flags) for length, flags in extents]
+    body = b"".join(descriptors)
+    header = ext_reply(cookie, offset, ReplyType.BLOCK_STATUS_EXT, 8 + len(body))
+    return [header + _EXT_STATUS_PREFIX.pack(context_id, len(descriptors)) + body]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from luanbd.protocol.constants import (
+    EXTENDED_REQUEST_HEADER,
+    EXTENDED_REQUEST_MAGIC,
     MAX_REQUEST_SIZE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -51,11 +53,14 @@ class Session:
     flags: TransmissionFlag
     structured_replies: bool
     base_allocation_id: int | None
+    #: NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths, extended replies.
+    extended_headers: bool = False
 
     @classmethod
     def from_negotiated(cls, negotiated: Negotiated) -> Session:
         return cls(negotiated.export_name, negotiated.size, negotiated.flags,
-                   negotiated.structured_replies, negotiated.base_allocation_id)
+                   negotiated.structured_replies, negotiated.base_allocation_id,
+                   negotiated.extended_headers)
 
     @property
     def read_only(self) -> bool:
@@ -77,6 +82,8 @@ _READ_ONLY, _SEND_FLUSH, _SEND_FUA, _SEND_TRIM, _SEND_WRITE_ZEROES, _SEND_CACHE,
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS)
 _HEADER_SIZE = REQUEST_HEADER.size
+_EXT_HEADER_SIZE = EXTENDED_REQUEST_HEADER.size
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
 class RequestParser:
@@ -85,9 +92,14 @@ class RequestParser:
     The I/O layer may receive straight into the parser's buffer (:meth:`get_buffer` then
     :meth:`commit`), so a WRITE payload is copied once, from that buffer into the ``bytes``
     handed to the plugin.  :meth:`receive_data` is the same for bytes held elsewhere.
+
+    With ``extended=True`` (NBD_OPT_EXTENDED_HEADERS was negotiated) requests are 32-byte
+    extended headers with 64-bit lengths, and any other header is a protocol violation.
     """
 
-    def __init__(self, initial: bytes = b"", chunk: int = 256 * 1024) -> None:
+    def __init__(self, initial: bytes = b"", chunk: int = 256 * 1024,
+                 extended: bool = False) -> None:
+        self._extended = extended
         self._chunk = chunk
         self._buffer = bytearray(max(chunk, len(initial)))
         self._buffer[: len(initial)] = initial
@@ -142,6 +154,8 @@ class RequestParser:
 
     def next_request(self) -> Request | _NeedData:
         """The next complete request, or ``NEED_DATA``.  Raises ProtocolViolation."""
+        if self._extended:
+            return self._next_extended_request()
         buf = self._buffer
         pos = self._pos
         avail = self._end - pos
@@ -174,6 +188,40 @@ class RequestParser:
             self._pos = start
         return Request(cmd, flags, cookie, offset, length, data)
 
+    def _next_extended_request(self) -> Request | _NeedData:
+        buf = self._buffer
+        pos = self._pos
+        avail = self._end - pos
+        if self._discard or avail < _EXT_HEADER_SIZE:
+            self._need = 0
+            return NEED_DATA
+        magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST_HEADER.unpack_from(buf, pos)
+        if magic != EXTENDED_REQUEST_MAGIC:
+            raise ProtocolViolation(f"invalid extended request: 'magic' field is incorrect "
+                                    f"(0x{magic:x})")
+        cmd = _CMDS.get(cmd, cmd)
+        data = None
+        start = pos + _EXT_HEADER_SIZE
+        if cmd is Cmd.WRITE and length <= MAX_REQUEST_SIZE:
+            if avail - _EXT_HEADER_SIZE < length:
+                self._need = _EXT_HEADER_SIZE + length - avail
+                return NEED_DATA
+            with memoryview(buf) as view:
+                data = bytes(view[start:start + length])
+            start += length
+        elif cmd is Cmd.WRITE or flags & _PAYLOAD_LEN:
+            # An oversize WRITE, or a payload we never advertised (NBD_FLAG_BLOCK_STAT_PAYLOAD):
+            # drop it as it arrives so the stream stays in step; validation answers the error.
+            taken = min(length, avail - _EXT_HEADER_SIZE)
+            self._discard = length - taken
+            start += taken
+        self._need = 0
+        if start == self._end:
+            self._pos = self._end = 0
+        else:
+            self._pos = start
+        return Request(cmd, flags, cookie, offset, length, data)
+
 
 def validate_request(request: Request, session: Session) -> None:
     """Raise :class:`RequestError` with nbdkit's errno if the request may not reach the plugin."""
@@ -199,8 +247,12 @@ def validate_request(request: Request, session: Session) -> None:
     else:
         raise RequestError(errno.EINVAL, f"unknown command ({cmd}) ignored")
 
-    if flags & ~_KNOWN_FLAGS:
-        raise RequestError(errno.EINVAL, f"{cmd}: unknown flag (0x{flags & ~_KNOWN_FLAGS:x})")
+    known = _KNOWN_FLAGS | _PAYLOAD_LEN if session.extended_headers else _KNOWN_FLAGS
+    if flags & ~known:
+        raise RequestError(errno.EINVAL, f"{cmd}: unknown flag (0x{flags & ~known:x})")
+    if flags & _PAYLOAD_LEN and cmd is not Cmd.WRITE:
+        # Only WRITE carries a payload: we do not advertise NBD_FLAG_BLOCK_STAT_PAYLOAD.
+        raise RequestError(errno.EINVAL, f"{cmd}: PAYLOAD_LEN flag needs WRITE request")
     if flags & _NO_HOLE and cmd is not Cmd.WRITE_ZEROES:
         raise RequestError(errno.EINVAL, f"{cmd}: NO_HOLE flag needs WRITE_ZEROES request")
     if flags & _FAST_ZERO:

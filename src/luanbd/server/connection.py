@@ -36,6 +36,10 @@ from luanbd.protocol.replies import (
     Buffers,
     block_status_reply,
     error_chunk_reply,
+    ext_block_status_reply,
+    ext_error_reply,
+    ext_read_reply,
+    ext_reply,
     read_chunk_reply,
     simple_reply,
 )
@@ -280,8 +284,9 @@ class Connection:
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
         self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
-        parser = RequestParser(trailing, RECV_SIZE)
-        handle = self._handle
+        extended = session.extended_headers
+        parser = RequestParser(trailing, RECV_SIZE, extended=extended)
+        handle = self._handle_extended if extended else self._handle
         recv_into = self.sock.recv_into
         out: Buffers = []
         while True:
@@ -350,6 +355,48 @@ class Connection:
             log.error(str(err))
             code = err.errno
         return self._error_reply(req, session, code)
+
+    def _handle_extended(self, req: Request, session: Session) -> Buffers:
+        """:meth:`_handle` once extended headers are negotiated: every reply is an extended
+        reply chunk echoing the request's offset, block status is BLOCK_STATUS_EXT."""
+        ctx = self.ctx
+        assert ctx is not None
+        cmd, cookie, offset = req.cmd, req.cookie, req.offset
+        if self.service.shutting_down.is_set() or self._closing:
+            return ext_error_reply(cookie, offset, nbd_error_for(errno.ESHUTDOWN, req.flags))
+        try:
+            validate_request(req, session)
+            flags = req.flags
+            if cmd is Cmd.READ:
+                return ext_read_reply(cookie, offset, ctx.pread(req.length, offset))
+            if cmd is Cmd.WRITE:
+                assert req.data is not None
+                ctx.pwrite(req.data, offset, bool(flags & CmdFlag.FUA))
+            elif cmd is Cmd.FLUSH:
+                ctx.flush()
+            elif cmd is Cmd.TRIM:
+                ctx.trim(req.length, offset, bool(flags & CmdFlag.FUA))
+            elif cmd is Cmd.WRITE_ZEROES:
+                ctx.zero(req.length, offset, may_trim=not flags & CmdFlag.NO_HOLE,
+                         fua=bool(flags & CmdFlag.FUA), fast=bool(flags & CmdFlag.FAST_ZERO))
+            elif cmd is Cmd.CACHE:
+                ctx.cache(req.length, offset)
+            elif cmd is Cmd.BLOCK_STATUS:
+                assert session.base_allocation_id is not None
+                extents = ctx.extents(req.length, offset, bool(flags & CmdFlag.REQ_ONE))
+                return ext_block_status_reply(cookie, offset, session.base_allocation_id,
+                                              extents)
+            return [ext_reply(cookie, offset)]
+        except RequestError as err:
+            log.error(f"invalid request: {err}")
+            code = err.errno
+        except FastZeroRefused as err:
+            log.debug(str(err))
+            code = err.errno
+        except PluginError as err:
+            log.error(str(err))
+            code = err.errno
+        return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags))
 
     @staticmethod
     def _error_reply(req: Request, session: Session, code: int) -> Buffers:
