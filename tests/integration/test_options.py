@@ -259,3 +259,17 @@ def test_keepalive_sets_so_keepalive(workdir: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=STOP_TIMEOUT)
     assert b"Traceback" not in err
+
+
+def test_verbose_shows_each_connections_handshake_summary() -> None:
+    result = run_luanbd("-v", "-U", "-", "-e", "dü", "--run",
+                        'nbdsh -u "$uri" -c "h.get_size()"', DISK)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if ": export '" in line]
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    # The export name as text (not a Python bytes repr), its flags and what was negotiated.
+    assert "export 'dü' size " in line, line
+    assert "flags 0x" in line and "SEND_FLUSH" in line, line
+    assert "structured replies on" in line and "extended headers off" in line, line
+    assert "TLS off" in line, line

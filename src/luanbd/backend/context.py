@@ -226,21 +226,26 @@ class BackendContext:
                 offset += chunk
                 count -= chunk
 
-    def extents(self, count: int, offset: int, req_one: bool) -> list[tuple[int, int]]:
-        """base:allocation descriptors (length, flags) covering [offset, offset+count)."""
+    def extents(self, count: int, offset: int, req_one: bool,
+                wide: bool = False) -> list[tuple[int, int]]:
+        """base:allocation descriptors (length, flags) covering [offset, offset+count).
+
+        ``wide``: the descriptors are 64-bit (extended headers), so none is capped at 32 bits.
+        """
         self._assert_range(count, offset)
         if not self._caps.can_extents:
             return [(count, 0)]  # without extents the whole range is allocated data
         with self.lock:
             raw = self.plugin.extents(self.handle, count, offset, FLAG_REQ_ONE if req_one else 0)
-        return clip_extents(raw, count, offset, req_one, self._caps.size)
+        return clip_extents(raw, count, offset, req_one, self._caps.size,
+                            max_descriptor=(1 << 64) - 1 if wide else MAX_DESCRIPTOR)
 
     def _fua_native(self, fua: bool) -> bool:
         return fua and self._caps.can_fua is FuaMode.NATIVE
 
 
 def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_one: bool,
-                 size: int) -> list[tuple[int, int]]:
+                 size: int, *, max_descriptor: int = 0xFFFFF000) -> list[tuple[int, int]]:
     """Validate, merge and trim plugin extents as nbdkit's ``extents.c`` and ``protocol.c``.
 
     Extents must be ascending and contiguous; those wholly before ``offset`` are ignored and
@@ -276,8 +281,9 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_o
         raise PluginError("extents", "the plugin returned no extent covering the offset")
     if req_one:
         return [(min(out[0][0], count), out[0][1])]
-    # A descriptor length is 32 bits on the wire: stop at the first one that does not fit.
+    # A descriptor length is 32 bits on the wire (64 with extended headers): stop at the
+    # first one that does not fit.
     for i, (length, kind) in enumerate(out):
-        if length > MAX_DESCRIPTOR:
-            return [*out[:i], (MAX_DESCRIPTOR, kind)]
+        if length > max_descriptor:
+            return [*out[:i], (max_descriptor, kind)]
     return out

@@ -219,8 +219,14 @@ class Connection:
         negotiated = hs.negotiated
         if negotiated is None:
             return
-        log.debug(f"conn {self.number}: negotiated export '{negotiated.export_name!r}' "
-                  f"flags {negotiated.flags}")
+        if log.verbose:
+            name = negotiated.export_name.decode("utf-8", "replace")
+            log.debug(f"conn {self.number}: export '{name}' size {negotiated.size} "
+                      f"flags 0x{int(negotiated.flags):x} ({negotiated.flags}), "
+                      f"structured replies {'on' if negotiated.structured_replies else 'off'}, "
+                      f"extended headers {'on' if negotiated.extended_headers else 'off'}, "
+                      f"base:allocation {'on' if negotiated.base_allocation_id else 'off'}, "
+                      f"TLS {'on' if self.info.is_tls else 'off'}")
         self._transmission(Session.from_negotiated(negotiated), negotiated.trailing_data)
 
     def _start_tls(self) -> None:
@@ -383,7 +389,8 @@ class Connection:
                 ctx.cache(req.length, offset)
             elif cmd is Cmd.BLOCK_STATUS:
                 assert session.base_allocation_id is not None
-                extents = ctx.extents(req.length, offset, bool(flags & CmdFlag.REQ_ONE))
+                extents = ctx.extents(req.length, offset, bool(flags & CmdFlag.REQ_ONE),
+                                      wide=True)
                 return ext_block_status_reply(cookie, offset, session.base_allocation_id,
                                               extents)
             return [ext_reply(cookie, offset)]
