@@ -273,3 +273,29 @@ def test_verbose_shows_each_connections_handshake_summary() -> None:
     assert "flags 0x" in line and "SEND_FLUSH" in line, line
     assert "structured replies on" in line and "extended headers off" in line, line
     assert "TLS off" in line, line
+
+
+SLOW_PREAD = """
+function open(readonly) return 1 end
+function get_size(h) return 4096 end
+function pread(h, count, offset)
+  if offset > 0 then
+    local t = os.clock() + 1.2
+    while os.clock() < t do end
+  end
+  return string.rep("x", count)
+end
+"""
+
+
+@pytest.mark.timeout(60)
+def test_verbose_logs_slow_requests_with_timing(workdir: Path) -> None:
+    slow = workdir / "slow.lua"
+    slow.write_text(SLOW_PREAD)
+    result = run_luanbd("-v", "-U", "-", "--run",
+                        'nbdsh -u "$uri" -c "h.pread(512, 0)" -c "h.pread(512, 512)"', str(slow))
+    assert result.returncode == 0, result.stderr
+    timed = [line for line in result.stderr.splitlines() if " took " in line]
+    # Only the slow read (offset 512) is reported, with its timing.
+    assert len(timed) == 1, result.stderr
+    assert "NBD_CMD_READ offset=512 count=512 took 1." in timed[0], timed

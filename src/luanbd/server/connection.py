@@ -11,7 +11,9 @@ import errno
 import socket
 import ssl
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -55,6 +57,8 @@ HANDSHAKE_RECV_SIZE = 16 * 1024
 #: A client gets this long to finish negotiating (greeting to NBD_OPT_GO): a client that
 #: connects and trickles or says nothing holds a thread, never a lock, and not forever.
 HANDSHAKE_TIMEOUT = 60.0
+#: With -v, requests that take at least this long (seconds) are logged with their timing.
+SLOW_REQUEST = 1.0
 #: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
 MAX_IOV = 1024
 
@@ -292,7 +296,10 @@ class Connection:
         self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended)
-        handle = self._handle_extended if extended else self._handle
+        handle: Callable[[Request, Session], Buffers] = (
+            self._handle_extended if extended else self._handle)
+        if log.verbose:
+            handle = self._timed(handle)
         recv_into = self.sock.recv_into
         out: Buffers = []
         while True:
@@ -318,6 +325,22 @@ class Connection:
             if n == 0:
                 raise ClientGone
             parser.commit(n)
+
+    def _timed(self, handle: Callable[[Request, Session], Buffers],
+               ) -> Callable[[Request, Session], Buffers]:
+        """With -v: ``handle`` that logs requests slower than SLOW_REQUEST seconds."""
+
+        def timed(req: Request, session: Session) -> Buffers:
+            start = time.monotonic()
+            try:
+                return handle(req, session)
+            finally:
+                elapsed = time.monotonic() - start
+                if elapsed >= SLOW_REQUEST:
+                    log.debug(f"conn {self.number}: {req.cmd} offset={req.offset} "
+                              f"count={req.length} took {elapsed:.3f} s")
+
+        return timed
 
     def _handle(self, req: Request, session: Session) -> Buffers:
         ctx = self.ctx
