@@ -57,6 +57,9 @@ HANDSHAKE_RECV_SIZE = 16 * 1024
 #: A client gets this long to finish negotiating (greeting to NBD_OPT_GO): a client that
 #: connects and trickles or says nothing holds a thread, never a lock, and not forever.
 HANDSHAKE_TIMEOUT = 60.0
+# Plain ints for the request flags: IntFlag arithmetic costs ~0.6 us per request.
+_FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
+    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
 #: With -v, requests that take at least this long (seconds) are logged with their timing.
 SLOW_REQUEST = 1.0
 #: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
@@ -359,19 +362,19 @@ class Connection:
                 return simple_reply(req.cookie, data=data)
             if cmd is Cmd.WRITE:
                 assert req.data is not None
-                ctx.pwrite(req.data, req.offset, bool(flags & CmdFlag.FUA))
+                ctx.pwrite(req.data, req.offset, bool(flags & _FUA))
             elif cmd is Cmd.FLUSH:
                 ctx.flush()
             elif cmd is Cmd.TRIM:
-                ctx.trim(req.length, req.offset, bool(flags & CmdFlag.FUA))
+                ctx.trim(req.length, req.offset, bool(flags & _FUA))
             elif cmd is Cmd.WRITE_ZEROES:
-                ctx.zero(req.length, req.offset, may_trim=not flags & CmdFlag.NO_HOLE,
-                         fua=bool(flags & CmdFlag.FUA), fast=bool(flags & CmdFlag.FAST_ZERO))
+                ctx.zero(req.length, req.offset, may_trim=not flags & _NO_HOLE,
+                         fua=bool(flags & _FUA), fast=bool(flags & _FAST_ZERO))
             elif cmd is Cmd.CACHE:
                 ctx.cache(req.length, req.offset)
             elif cmd is Cmd.BLOCK_STATUS:
                 assert session.base_allocation_id is not None
-                extents = ctx.extents(req.length, req.offset, bool(flags & CmdFlag.REQ_ONE))
+                extents = ctx.extents(req.length, req.offset, bool(flags & _REQ_ONE))
                 return block_status_reply(req.cookie, session.base_allocation_id, extents)
             return simple_reply(req.cookie)
         except RequestError as err:
@@ -400,19 +403,19 @@ class Connection:
                 return ext_read_reply(cookie, offset, ctx.pread(req.length, offset))
             if cmd is Cmd.WRITE:
                 assert req.data is not None
-                ctx.pwrite(req.data, offset, bool(flags & CmdFlag.FUA))
+                ctx.pwrite(req.data, offset, bool(flags & _FUA))
             elif cmd is Cmd.FLUSH:
                 ctx.flush()
             elif cmd is Cmd.TRIM:
-                ctx.trim(req.length, offset, bool(flags & CmdFlag.FUA))
+                ctx.trim(req.length, offset, bool(flags & _FUA))
             elif cmd is Cmd.WRITE_ZEROES:
-                ctx.zero(req.length, offset, may_trim=not flags & CmdFlag.NO_HOLE,
-                         fua=bool(flags & CmdFlag.FUA), fast=bool(flags & CmdFlag.FAST_ZERO))
+                ctx.zero(req.length, offset, may_trim=not flags & _NO_HOLE,
+                         fua=bool(flags & _FUA), fast=bool(flags & _FAST_ZERO))
             elif cmd is Cmd.CACHE:
                 ctx.cache(req.length, offset)
             elif cmd is Cmd.BLOCK_STATUS:
                 assert session.base_allocation_id is not None
-                extents = ctx.extents(req.length, offset, bool(flags & CmdFlag.REQ_ONE),
+                extents = ctx.extents(req.length, offset, bool(flags & _REQ_ONE),
                                       wide=True)
                 return ext_block_status_reply(cookie, offset, session.base_allocation_id,
                                               extents)
