@@ -66,6 +66,10 @@ SLOW_REQUEST = 1.0
 MAX_IOV = 1024
 
 
+#: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
+_Result = bytes | memoryview | list[tuple[int, int]] | None
+
+
 class ClientGone(Exception):
     """The client closed the connection (or it was shut down under us)."""
 
@@ -345,21 +349,22 @@ class Connection:
 
         return timed
 
-    def _handle(self, req: Request, session: Session) -> Buffers:
-        ctx = self.ctx
-        assert ctx is not None
-        cmd = req.cmd
+    def _run(self, req: Request, session: Session) -> tuple[_Result, int]:
+        """Validate and execute one request: (result, 0), or (None, errno) on failure.
+
+        The result is the data of a READ, the extents of a BLOCK_STATUS, else None; the
+        reply encoding (classic or extended headers) is the caller's.
+        """
         if self.service.shutting_down.is_set() or self._closing:
             # proto.md: once shutdown has begun, refuse new requests with ESHUTDOWN.
-            return self._error_reply(req, session, errno.ESHUTDOWN)
+            return None, errno.ESHUTDOWN
+        ctx = self.ctx
+        assert ctx is not None
+        cmd, flags = req.cmd, req.flags
         try:
             validate_request(req, session)
-            flags = req.flags
             if cmd is Cmd.READ:
-                data = ctx.pread(req.length, req.offset)
-                if session.structured_replies:
-                    return read_chunk_reply(req.cookie, req.offset, data)
-                return simple_reply(req.cookie, data=data)
+                return ctx.pread(req.length, req.offset), 0
             if cmd is Cmd.WRITE:
                 assert req.data is not None
                 ctx.pwrite(req.data, req.offset, bool(flags & _FUA))
@@ -373,63 +378,49 @@ class Connection:
             elif cmd is Cmd.CACHE:
                 ctx.cache(req.length, req.offset)
             elif cmd is Cmd.BLOCK_STATUS:
-                assert session.base_allocation_id is not None
-                extents = ctx.extents(req.length, req.offset, bool(flags & _REQ_ONE))
-                return block_status_reply(req.cookie, session.base_allocation_id, extents)
-            return simple_reply(req.cookie)
+                # Extended headers carry 64-bit descriptor lengths ("wide").
+                return ctx.extents(req.length, req.offset, bool(flags & _REQ_ONE),
+                                   wide=session.extended_headers), 0
+            return None, 0
         except RequestError as err:
             log.error(f"invalid request: {err}")
-            code = err.errno
+            return None, err.errno
         except FastZeroRefused as err:
             log.debug(str(err))
-            code = err.errno
+            return None, err.errno
         except PluginError as err:
             log.error(str(err))
-            code = err.errno
-        return self._error_reply(req, session, code)
+            return None, err.errno
+
+    def _handle(self, req: Request, session: Session) -> Buffers:
+        """One request, answered with simple or structured replies."""
+        result, code = self._run(req, session)
+        if code:
+            return self._error_reply(req, session, code)
+        if req.cmd is Cmd.READ:
+            assert isinstance(result, bytes | memoryview)
+            if session.structured_replies:
+                return read_chunk_reply(req.cookie, req.offset, result)
+            return simple_reply(req.cookie, data=result)
+        if req.cmd is Cmd.BLOCK_STATUS:
+            assert isinstance(result, list) and session.base_allocation_id is not None
+            return block_status_reply(req.cookie, session.base_allocation_id, result)
+        return simple_reply(req.cookie)
 
     def _handle_extended(self, req: Request, session: Session) -> Buffers:
         """:meth:`_handle` once extended headers are negotiated: every reply is an extended
         reply chunk echoing the request's offset, block status is BLOCK_STATUS_EXT."""
-        ctx = self.ctx
-        assert ctx is not None
-        cmd, cookie, offset = req.cmd, req.cookie, req.offset
-        if self.service.shutting_down.is_set() or self._closing:
-            return ext_error_reply(cookie, offset, nbd_error_for(errno.ESHUTDOWN, req.flags))
-        try:
-            validate_request(req, session)
-            flags = req.flags
-            if cmd is Cmd.READ:
-                return ext_read_reply(cookie, offset, ctx.pread(req.length, offset))
-            if cmd is Cmd.WRITE:
-                assert req.data is not None
-                ctx.pwrite(req.data, offset, bool(flags & _FUA))
-            elif cmd is Cmd.FLUSH:
-                ctx.flush()
-            elif cmd is Cmd.TRIM:
-                ctx.trim(req.length, offset, bool(flags & _FUA))
-            elif cmd is Cmd.WRITE_ZEROES:
-                ctx.zero(req.length, offset, may_trim=not flags & _NO_HOLE,
-                         fua=bool(flags & _FUA), fast=bool(flags & _FAST_ZERO))
-            elif cmd is Cmd.CACHE:
-                ctx.cache(req.length, offset)
-            elif cmd is Cmd.BLOCK_STATUS:
-                assert session.base_allocation_id is not None
-                extents = ctx.extents(req.length, offset, bool(flags & _REQ_ONE),
-                                      wide=True)
-                return ext_block_status_reply(cookie, offset, session.base_allocation_id,
-                                              extents)
-            return [ext_reply(cookie, offset)]
-        except RequestError as err:
-            log.error(f"invalid request: {err}")
-            code = err.errno
-        except FastZeroRefused as err:
-            log.debug(str(err))
-            code = err.errno
-        except PluginError as err:
-            log.error(str(err))
-            code = err.errno
-        return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags))
+        result, code = self._run(req, session)
+        cookie, offset = req.cookie, req.offset
+        if code:
+            return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags))
+        if req.cmd is Cmd.READ:
+            assert isinstance(result, bytes | memoryview)
+            return ext_read_reply(cookie, offset, result)
+        if req.cmd is Cmd.BLOCK_STATUS:
+            assert isinstance(result, list) and session.base_allocation_id is not None
+            return ext_block_status_reply(cookie, offset, session.base_allocation_id, result)
+        return [ext_reply(cookie, offset)]
 
     @staticmethod
     def _error_reply(req: Request, session: Session, code: int) -> Buffers:
