@@ -81,8 +81,6 @@ _READ_ONLY, _SEND_FLUSH, _SEND_FUA, _SEND_TRIM, _SEND_WRITE_ZEROES, _SEND_CACHE,
         TransmissionFlag.SEND_CACHE, TransmissionFlag.SEND_FAST_ZERO))
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS)
-_HEADER_SIZE = REQUEST_HEADER.size
-_EXT_HEADER_SIZE = EXTENDED_REQUEST_HEADER.size
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
@@ -100,6 +98,10 @@ class RequestParser:
     def __init__(self, initial: bytes = b"", chunk: int = 256 * 1024,
                  extended: bool = False) -> None:
         self._extended = extended
+        # Extended headers (proto.md "Extended headers") only change the header's layout.
+        self._header = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
+        self._header_size = self._header.size
+        self._magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
         self._chunk = chunk
         self._buffer = bytearray(max(chunk, len(initial)))
         self._buffer[: len(initial)] = initial
@@ -154,65 +156,31 @@ class RequestParser:
 
     def next_request(self) -> Request | _NeedData:
         """The next complete request, or ``NEED_DATA``.  Raises ProtocolViolation."""
-        if self._extended:
-            return self._next_extended_request()
         buf = self._buffer
         pos = self._pos
         avail = self._end - pos
-        if self._discard or avail < _HEADER_SIZE:
+        size = self._header_size
+        if self._discard or avail < size:
             self._need = 0
             return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = REQUEST_HEADER.unpack_from(buf, pos)
-        if magic != REQUEST_MAGIC:
-            raise ProtocolViolation(f"invalid request: 'magic' field is incorrect (0x{magic:x})")
+        magic, flags, cmd, cookie, offset, length = self._header.unpack_from(buf, pos)
+        if magic != self._magic:
+            kind = "extended request" if self._extended else "request"
+            raise ProtocolViolation(f"invalid {kind}: 'magic' field is incorrect (0x{magic:x})")
         cmd = _CMDS.get(cmd, cmd)
         data = None
-        start = pos + _HEADER_SIZE
-        if cmd is Cmd.WRITE:
-            if length > MAX_REQUEST_SIZE:
-                # Too big to buffer: drop the payload as it arrives; validation answers ENOMEM.
-                taken = min(length, avail - _HEADER_SIZE)
-                self._discard = length - taken
-                start += taken
-            else:
-                if avail - _HEADER_SIZE < length:
-                    self._need = _HEADER_SIZE + length - avail
-                    return NEED_DATA
-                with memoryview(buf) as view:
-                    data = bytes(view[start:start + length])
-                start += length
-        self._need = 0
-        if start == self._end:
-            self._pos = self._end = 0
-        else:
-            self._pos = start
-        return Request(cmd, flags, cookie, offset, length, data)
-
-    def _next_extended_request(self) -> Request | _NeedData:
-        buf = self._buffer
-        pos = self._pos
-        avail = self._end - pos
-        if self._discard or avail < _EXT_HEADER_SIZE:
-            self._need = 0
-            return NEED_DATA
-        magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST_HEADER.unpack_from(buf, pos)
-        if magic != EXTENDED_REQUEST_MAGIC:
-            raise ProtocolViolation(f"invalid extended request: 'magic' field is incorrect "
-                                    f"(0x{magic:x})")
-        cmd = _CMDS.get(cmd, cmd)
-        data = None
-        start = pos + _EXT_HEADER_SIZE
+        start = pos + size
         if cmd is Cmd.WRITE and length <= MAX_REQUEST_SIZE:
-            if avail - _EXT_HEADER_SIZE < length:
-                self._need = _EXT_HEADER_SIZE + length - avail
+            if avail - size < length:
+                self._need = size + length - avail
                 return NEED_DATA
             with memoryview(buf) as view:
                 data = bytes(view[start:start + length])
             start += length
-        elif cmd is Cmd.WRITE or flags & _PAYLOAD_LEN:
+        elif cmd is Cmd.WRITE or (self._extended and flags & _PAYLOAD_LEN):
             # An oversize WRITE, or a payload we never advertised (NBD_FLAG_BLOCK_STAT_PAYLOAD):
             # drop it as it arrives so the stream stays in step; validation answers the error.
-            taken = min(length, avail - _EXT_HEADER_SIZE)
+            taken = min(length, avail - size)
             self._discard = length - taken
             start += taken
         self._need = 0
