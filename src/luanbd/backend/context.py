@@ -147,7 +147,7 @@ class BackendContext:
         return self.caps
 
     def _assert_range(self, count: int, offset: int) -> None:
-        assert count > 0 and offset + count <= self._caps.size, (count, offset)
+        assert count > 0 and offset + count <= self.size, (count, offset)
 
     # --- data calls ---------------------------------------------------------------------
     def pread(self, count: int, offset: int) -> bytes | memoryview:

@@ -213,23 +213,22 @@ class LuaPlugin:
         """Call callback ``name``; its first result, or PluginError."""
         return self._result(name, self._call(self.fn[name], *args))
 
-    @staticmethod
-    def _result(name: str, res: Any) -> Any:
+    @classmethod
+    def _result(cls, name: str, res: Any) -> Any:
         """The first result of a wrapped call, or the PluginError it stands for."""
-        if res is True:
-            return None
-        if not isinstance(res, tuple):
-            raise AssertionError(res)
-        if res[0]:
-            return res[1] if len(res) > 1 else None
-        err = res[2] or errno.EIO
-        raise PluginError(name, _text(res[1]), int(err))
+        values = cls._unwrap(name, res)
+        return values[0] if values else None
+
+    @classmethod
+    def _unwrap(cls, name: str, res: Any) -> tuple[Any, ...]:
+        """All results of a wrapped call ``(true, ...)``, or raise for ``(false, msg, errno)``."""
+        values = cls._results(res)
+        if values[0]:
+            return values[1:]
+        raise PluginError(name, _text(values[1]), int(values[2] or errno.EIO))
 
     def call_multi(self, name: str, *args: Any) -> tuple[Any, ...]:
-        res = self._results(self._call(self.fn[name], *args))
-        if res[0]:
-            return res[1:]
-        raise PluginError(name, _text(res[1]), int(res[2] or errno.EIO))
+        return self._unwrap(name, self._call(self.fn[name], *args))
 
     def _bool(self, name: str, h: Handle, default: bool) -> bool:
         if name not in self.fn:
