@@ -83,6 +83,7 @@ def serve(plugin: str | os.PathLike[str] | Plugin, *,
         lua_plugin.config_complete()
         lua_plugin.get_ready()
         lua_plugin.after_fork()
+        lua_plugin.serving()  # os.exit in a callback must not end the caller's process
         backend: Plugin = lua_plugin
     else:
         script = "<python>"

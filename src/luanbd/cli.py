@@ -16,8 +16,14 @@ import sys
 from typing import NoReturn
 
 from luanbd import __version__, log
+from luanbd.backend.helpers import parse_delay, parse_size
 from luanbd.backend.interface import StartupError
-from luanbd.config import ServerConfig, UsageError
+from luanbd.config import (
+    DEFAULT_CONNECTION_LIMIT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    ServerConfig,
+    UsageError,
+)
 from luanbd.log import LogTo
 from luanbd.protocol.constants import HandshakeFlag
 from luanbd.protocol.handshake import TlsMode
@@ -35,6 +41,8 @@ luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--tls=off|on|require] [--tls-certificates /path/to/certificates]
        [--tls-psk /path/to/pskfile] [--tls-verify-peer]
        [-D|--debug NAME.FLAG=N] [--keepalive] [--print-uri]
+       [--timeout=DELAY] [--limit=N] [--request-timeout=DELAY]
+       [--lua-memory-limit=SIZE]
        [-u|--user USER] [-g|--group GROUP]
        [-U|--unix SOCKET|-] [-v|--verbose]
        [lua] SCRIPT.lua [script=SCRIPT.lua] [KEY=VALUE ...]
@@ -60,6 +68,9 @@ Listening options:
   -n, --newstyle / -o, --oldstyle  handshake flavour (newstyle by default)
   --no-sr, --no-mc                 refuse structured replies / meta contexts
   --mask-handshake=MASK            mask the handshake's global flags
+  --timeout=DELAY                  time to finish the handshake (default 60s; 0: none)
+  --limit=N                        concurrent connections (default 4096; 0: none);
+                                   nbdkit's --filter=limit [limit=N] also works
 
 TLS options:
   --tls=off|on|require             STARTTLS policy (default off)
@@ -77,7 +88,9 @@ Running options:
 
 Plugin options:
   --lua=5.4|5.1|5.2|5.3|5.5|luajit the Lua runtime (default 5.4)
-  --filter FILTER                  refused: luanbd has no filters
+  --filter FILTER                  refused, except --filter=limit (see --limit)
+  --request-timeout=DELAY          a Lua callback running longer fails (EIO)
+  --lua-memory-limit=SIZE          Lua allocations past SIZE fail (ENOMEM)
 
 Debug and logging options:
   -v, --verbose                    debug messages
@@ -137,6 +150,10 @@ def _parser() -> _Parser:
     a("--tls-psk")
     a("--tls-verify-peer", action="store_true")
     a("--keepalive", action="store_true")
+    a("--timeout")
+    a("--limit")
+    a("--request-timeout")
+    a("--lua-memory-limit")
     a("--print-uri", action="store_true")
     a("-u", "--user")
     a("-U", "--unix")
@@ -274,8 +291,7 @@ def parse_args(argv: list[str]) -> Command:
         if params:
             raise StartupError("the first parameter must be script=/path/to/script.lua")
         raise UsageError("no Lua script given (try: luanbd SCRIPT.lua, or luanbd --help)")
-    if ns.filter:
-        raise UsageError("--filter: filters are not supported by luanbd")
+    connection_limit = _connection_limit(ns.limit, ns.filter, params)
     tls = parse_tls(ns.tls)
     if ns.tls_psk is not None:
         from luanbd.server.tls import psk_unsupported_message
@@ -343,8 +359,53 @@ def parse_args(argv: list[str]) -> Command:
         uid=uid,
         gid=gid,
         listen_fds=listen_fds,
+        handshake_timeout=_delay("--timeout", ns.timeout, DEFAULT_HANDSHAKE_TIMEOUT),
+        connection_limit=connection_limit,
+        request_timeout=_delay("--request-timeout", ns.request_timeout, None),
+        lua_memory_limit=(_size("--lua-memory-limit", ns.lua_memory_limit)
+                          if ns.lua_memory_limit is not None else None),
     )
     return cmd
+
+
+def _delay(option: str, value: str | None, default: float | None) -> float | None:
+    """A delay option in nbdkit_parse_delay's format; 0 means no limit."""
+    if value is None:
+        return default
+    try:
+        seconds = parse_delay(option, value)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return seconds or None
+
+
+def _size(option: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise UsageError(f"{option}: {err}") from None
+
+
+def _connection_limit(limit: str | None, filters: list[str],
+                      params: list[tuple[str | None, str]]) -> int:
+    """``--limit=N``, or nbdkit's ``--filter=limit [limit=N]`` (default 1, as
+    nbdkit-limit-filter(1)); the filter's ``limit=`` is its own, not the script's."""
+    unsupported = [f for f in filters if f != "limit"]
+    if unsupported:
+        raise UsageError(f"--filter={unsupported[0]}: filters are not supported by luanbd "
+                         f"(only --filter=limit, as a connection limit)")
+    value = limit
+    if filters:
+        for item in [p for p in params if p[0] == "limit"]:
+            params.remove(item)
+            value = item[1] if limit is None else limit
+        if value is None:
+            value = "1"
+    if value is None:
+        return DEFAULT_CONNECTION_LIMIT
+    if not value.isdigit():
+        raise UsageError(f"--limit: {value}: not a number of connections")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

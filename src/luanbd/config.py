@@ -16,6 +16,14 @@ DEFAULT_PORT = 10809
 DEFAULT_THREADS = 16
 
 
+#: nbdkit's --timeout: seconds a client gets from connecting to the end of the handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+#: Concurrent connections served; more are closed at once (one log line).  A connection
+#: costs a thread and a few hundred KiB, so this keeps a flood from exhausting the host
+#: while staying far above what real NBD use needs.
+DEFAULT_CONNECTION_LIMIT = 4096
+
+
 #: Environment variable that overrides the installed plugins' directory.
 PLUGINDIR_ENV = "LUANBD_PLUGINDIR"
 
@@ -71,3 +79,11 @@ class ServerConfig:
     gid: int | None = None
     #: Socket activation: this many listening sockets from fd 3 on (LISTEN_FDS).
     listen_fds: int = 0
+    #: --timeout: seconds to finish the handshake (None: no limit).
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    #: --limit (or --filter=limit limit=N): concurrent connections; 0 = no limit.
+    connection_limit: int = DEFAULT_CONNECTION_LIMIT
+    #: --request-timeout: seconds a Lua callback may run once serving (None: no limit).
+    request_timeout: float | None = None
+    #: --lua-memory-limit: bytes the Lua state may allocate (None: no limit).
+    lua_memory_limit: int | None = None

@@ -27,6 +27,19 @@ def parse_size(text: str) -> int:
     return value
 
 
+_DELAY = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|\u03bcs|ns)?\Z")
+_DELAY_SCALE = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u03bcs": 1e-6, "ns": 1e-9}
+
+
+def parse_delay(what: str, text: str) -> float:
+    """nbdkit_parse_delay: ``1``, ``1.5``, ``1.5s``, ``100ms``, ``10us``, ``1000ns`` ->
+    seconds."""
+    m = _DELAY.match(text)
+    if not m:
+        raise ValueError(f"{what}: could not parse delay: {text}")
+    return float(m.group(1)) * _DELAY_SCALE[m.group(2)]
+
+
 def parse_bool(text: str) -> bool:
     word = text.strip().lower()
     if word in _TRUE:

@@ -77,6 +77,8 @@ local function finish(ok, ...)
   local msg
   if t == "string" or t == "number" then
     msg = tostring(e)
+    -- Lua's own allocation failure (LUA_ERRMEM, or --lua-memory-limit reached).
+    if e == "not enough memory" and last_errno == 0 then last_errno = nbdkit.ENOMEM end
   else
     local mt = getmetatable(e)
     if mt and mt.__tostring then msg = tostring(e)
@@ -85,8 +87,46 @@ local function finish(ok, ...)
   return false, msg, last_errno
 end
 
+-- Limits that apply once the server is serving (control.serving below).
+local deadline, time_limit = nil, nil
+local monotonic = py.monotonic
+local sethook = debug and debug.sethook
+
+-- Checked every HOOK_COUNT VM instructions while a limit is set: a callback stuck in a
+-- Lua loop fails with an error instead of holding its connection (and lock) forever.
+local HOOK_COUNT = 100000
+local function time_hook()
+  if deadline ~= nil and monotonic() > deadline then
+    last_errno = nbdkit.EIO  -- a stuck backend, to the client
+    error(format("callback still running after %g seconds (--request-timeout)", time_limit), 2)
+  end
+end
+
 -- call(f, ...) -> true, results... | false, message, errno
-return function(f, ...)
+local function call(f, ...)
   last_errno = 0
+  if time_limit ~= nil then
+    deadline = monotonic() + time_limit
+    return (function(...) deadline = nil; return ... end)(finish(pcall(f, ...)))
+  end
   return finish(pcall(f, ...))
 end
+
+local control = {}
+
+-- Once serving: os.exit in a callback would stop the server under every client, so it
+-- becomes an error of that callback; an optional time limit on each callback.
+function control.serving(limit)
+  if type(os) == "table" then
+    os.exit = function()
+      error("os.exit is not allowed while serving clients " ..
+            "(use nbdkit.shutdown() to stop the server)", 2)
+    end
+  end
+  if limit ~= nil and limit > 0 and sethook then
+    time_limit = limit
+    sethook(time_hook, "", HOOK_COUNT)
+  end
+end
+
+return call, control

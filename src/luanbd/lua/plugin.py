@@ -17,6 +17,7 @@ import importlib
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -70,7 +71,8 @@ def _text(value: Any) -> str:
 class LuaPlugin:
     """One Lua script loaded into one Lua state."""
 
-    def __init__(self, script: str, *, lua: str = "5.4") -> None:
+    def __init__(self, script: str, *, lua: str = "5.4",
+                 memory_limit: int | None = None) -> None:
         self.script = script
         self.lua_name = lua
         try:
@@ -83,7 +85,10 @@ class LuaPlugin:
         # values, which is how nbdkit.lua tells failure from success.
         self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
                                          register_builtins=False,
-                                         unpack_returned_tuples=True)
+                                         unpack_returned_tuples=True,
+                                         # --lua-memory-limit: allocations past it fail
+                                         # with Lua's "not enough memory" (ENOMEM).
+                                         max_memory=memory_limit or None)
         self.g = self.runtime.globals()
         # lupa's `python` table is of no use to an nbdkit script and would let it reach
         # Python objects: scripts see plain Lua plus the `nbdkit` table.
@@ -107,8 +112,8 @@ class LuaPlugin:
         primitives = self.runtime.table_from({
             name.encode(): fn for name, fn in self._primitives().items()
         })
-        call: Callable[..., Any] = chunk(primitives)
-        return call
+        call, self._control = chunk(primitives)
+        return call  # type: ignore[no-any-return]
 
     def _primitives(self) -> dict[str, Callable[..., Any]]:
         def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -147,6 +152,7 @@ class LuaPlugin:
             "shutdown": guard(lambda: current.request_shutdown()),  # noqa: PLW0108 (late binding)
             "disconnect": guard(disconnect),
             "version": __version__.encode,
+            "monotonic": time.monotonic,
         }
 
     def _load_script(self) -> None:
@@ -252,6 +258,11 @@ class LuaPlugin:
         raise PluginError(name, "cannot convert returned value to an integer")
 
     # --- start-up lifecycle -------------------------------------------------------------
+    def serving(self, request_timeout: float | None = None) -> None:
+        """From now on clients are served: ``os.exit`` becomes an error of the callback that
+        calls it, and with ``request_timeout`` a callback running longer fails (EIO)."""
+        self._control.serving(request_timeout)
+
     def load(self) -> None:
         if "load" in self.fn:
             self._startup_call("load")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -54,9 +53,6 @@ if TYPE_CHECKING:
 RECV_SIZE = 256 * 1024
 #: The handshake's messages are small: a small buffer keeps idle connections cheap.
 HANDSHAKE_RECV_SIZE = 16 * 1024
-#: A client gets this long to finish negotiating (greeting to NBD_OPT_GO): a client that
-#: connects and trickles or says nothing holds a thread, never a lock, and not forever.
-HANDSHAKE_TIMEOUT = 60.0
 # Plain ints for the request flags: IntFlag arithmetic costs ~0.6 us per request.
 _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
     int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
@@ -100,7 +96,10 @@ class Connection:
             # serialize_requests/parallel scripts get a Lua state of their own per
             # connection (plugin_for_connection); the others share one.
             self.plugin, self.lock = self.service.plugin_for_connection()
-            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            # A client gets --timeout to finish negotiating (greeting to NBD_OPT_GO): one
+            # that connects and trickles or says nothing holds a thread, never a lock, and
+            # not forever.
+            self.sock.settimeout(self.service.config.handshake_timeout)
             with self.service.locks.connection():
                 self._preconnect()
                 if self.service.config.oldstyle:
@@ -111,7 +110,7 @@ class Connection:
             log.error(f"conn {self.number}: {err}")
         except TimeoutError:
             log.error(f"conn {self.number}: client did not finish the handshake within "
-                      f"{HANDSHAKE_TIMEOUT:g} seconds")
+                      f"{self.service.config.handshake_timeout:g} seconds (--timeout)")
         except (ClientGone, ConnectionError):
             log.debug(f"conn {self.number}: client closed the connection")
         except (PluginError, StartupError) as err:
@@ -429,8 +428,3 @@ class Connection:
             return error_chunk_reply(req.cookie, error)
         return simple_reply(req.cookie, error)
 
-
-def start_thread(conn: Connection) -> threading.Thread:
-    thread = threading.Thread(target=conn.run, name=f"conn-{conn.number}", daemon=True)
-    thread.start()
-    return thread

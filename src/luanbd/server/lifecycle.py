@@ -41,7 +41,7 @@ _PR_SET_PDEATHSIG = 1
 
 def load_plugin(config: ServerConfig) -> LuaPlugin:
     """Load the script and pass it the configuration (not config_complete)."""
-    plugin = LuaPlugin(config.script, lua=config.lua)
+    plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit)
     plugin.load()
     magic = plugin.string_global("magic_config_key")
     for key, value in config.params:
@@ -132,6 +132,7 @@ def connection_plugin_factory(config: ServerConfig) -> LuaPlugin:
     plugin.config_complete()
     plugin.get_ready()
     plugin.after_fork()
+    plugin.serving(config.request_timeout)
     return plugin
 
 
@@ -178,6 +179,7 @@ def _serve(plugin: LuaPlugin, config: ServerConfig,
             except OSError as err:
                 raise StartupError(f"{pidfile}: {err.strerror}") from None
         plugin.after_fork()
+        plugin.serving(config.request_timeout)
         if ready is not None:
             os.write(ready, b"r")  # the waiting parent may exit now: we serve
             os.close(ready)

@@ -5,16 +5,20 @@ One thread waits on every listener plus a wake-up pipe, so closing never polls.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from luanbd import log
 
 #: listen() backlog, as nbdkit's SOMAXCONN-ish default.
 BACKLOG = 128
+#: Seconds to pause accepting when the process is out of file descriptors.
+ACCEPT_BACKOFF = 0.1
 
 
 class BindError(Exception):
@@ -84,6 +88,7 @@ class Listener:
         self.sockets = sockets
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
+        self._exhausted_logged = -10.0
 
     def start(self, handle: Callable[[socket.socket, str], None]) -> None:
         self._thread = threading.Thread(target=self._accept_loop, args=(handle,),
@@ -104,10 +109,23 @@ class Listener:
                     try:
                         conn, addr = listener.accept()
                     except OSError as err:
-                        log.debug(f"accept: {err}")
+                        if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                         errno.ENOMEM):
+                            # Out of descriptors: the pending connection stays in the
+                            # backlog; pause instead of spinning on a readable listener.
+                            self._report_exhausted(err)
+                            time.sleep(ACCEPT_BACKOFF)
+                        else:
+                            log.debug(f"accept: {err}")
                         continue
                     peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
                     handle(conn, peer)
+
+    def _report_exhausted(self, err: OSError) -> None:
+        now = time.monotonic()
+        if now >= self._exhausted_logged + 10.0:
+            log.error(f"accept: {err.strerror}: new connections wait until others close")
+            self._exhausted_logged = now
 
     def close(self) -> None:
         os.write(self._wake_w, b"x")

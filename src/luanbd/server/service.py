@@ -18,11 +18,13 @@ from luanbd.backend.interface import Plugin, ThreadModel
 from luanbd.backend.locks import Locks
 from luanbd.config import ServerConfig
 from luanbd.protocol.handshake import HandshakeConfig
-from luanbd.server.connection import Connection, start_thread
+from luanbd.server.connection import Connection
 
 #: After SIGTERM, how long connected clients get to notice ESHUTDOWN and disconnect by
 #: themselves before they are cut off (nbdkit waits for them forever).
 SHUTDOWN_GRACE = 3.0
+#: Refused connections (over --limit) are logged at most once per this many seconds.
+REFUSED_LOG_INTERVAL = 10.0
 
 
 class Service:
@@ -56,6 +58,8 @@ class Service:
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
+        self._refused = 0
+        self._refused_logged = -REFUSED_LOG_INTERVAL
 
     def plugin_for_connection(self) -> tuple[Plugin, AbstractContextManager[object]]:
         """The plugin and request lock a new connection uses."""
@@ -73,19 +77,44 @@ class Service:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        conn = Connection(self, sock, next(self._numbers), peer)
+        limit = self.config.connection_limit
         with self._lock:
-            self._connections[conn] = start_thread(conn)
-            self._reap()
+            if limit and len(self._connections) >= limit:
+                self._refuse(sock, peer, limit)
+                return
+            conn = Connection(self, sock, next(self._numbers), peer)
+            thread = threading.Thread(target=self._serve_connection, args=(conn,),
+                                      name=f"conn-{conn.number}", daemon=True)
+            self._connections[conn] = thread
+        try:
+            thread.start()
+        except RuntimeError as err:  # "can't start new thread": out of threads or memory
+            with self._lock:
+                del self._connections[conn]
+            log.error(f"cannot serve connection from {peer or 'local'}: {err}")
+            sock.close()
+
+    def _serve_connection(self, conn: Connection) -> None:
+        try:
+            conn.run()
+        finally:
+            with self._lock:
+                self._connections.pop(conn, None)
+
+    def _refuse(self, sock: socket.socket, peer: str, limit: int) -> None:
+        """Over the connection limit: close at once, as nbdkit-limit-filter(1) does.  One
+        log line per burst, not one per refused connection."""
+        sock.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._refused_logged + REFUSED_LOG_INTERVAL:
+            log.error(f"connection limit of {limit} reached (--limit): closed the connection "
+                      f"from {peer or 'local'} ({self._refused} refused so far)")
+            self._refused_logged = now
 
     def serve_here(self, sock: socket.socket) -> None:
         """Serve one connection in the calling thread (``-s``)."""
         Connection(self, sock, next(self._numbers), "").run()
-
-    def _reap(self) -> None:
-        for conn, thread in list(self._connections.items()):
-            if not thread.is_alive():
-                del self._connections[conn]
 
     def request_shutdown(self) -> None:
         self.stop.set()
