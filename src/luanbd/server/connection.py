@@ -7,9 +7,12 @@ covers the plugin call only, so a client that stays silent in the handshake hold
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import queue
 import socket
 import ssl
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -60,6 +63,12 @@ _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
 SLOW_REQUEST = 1.0
 #: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
 MAX_IOV = 1024
+#: READ batches of at least this many bytes go to the connection's writer thread.
+WRITER_THRESHOLD = 64 * 1024
+#: Reply batches queued for the writer thread at most (then the request loop waits).
+WRITER_QUEUE = 2
+#: READ replies of this many bytes are sent before more requests are executed.
+MAX_BATCH = 4 * 1024 * 1024
 
 
 #: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
@@ -68,6 +77,65 @@ _Result = bytes | memoryview | list[tuple[int, int]] | None
 
 class ClientGone(Exception):
     """The client closed the connection (or it was shut down under us)."""
+
+
+class _Writer:
+    """A connection's writer thread for big reply batches, started on first use.
+
+    The queue is bounded: when the client reads slowly, ``put`` blocks the request loop
+    (backpressure) instead of letting replies pile up in memory.  ``lock`` makes each batch
+    go out whole, whoever sends it.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.started = False
+        self._queue: queue.Queue[Buffers | None] = queue.Queue(WRITER_QUEUE)
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def put(self, buffers: Buffers) -> None:
+        if self._error is not None:
+            raise ClientGone from self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"conn-{self.conn.number}-writer")
+            self.started = True
+            self._thread.start()
+        self._queue.put(buffers)
+
+    def _run(self) -> None:
+        send = self.conn._send_buffers
+        while (buffers := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # the client is gone: drop, but keep draining so put never blocks
+            try:
+                with self.lock:
+                    send(buffers)
+            except OSError as err:
+                self._error = err
+                self.conn.shutdown_read()  # the request loop sees EOF and ends
+
+    def finish(self) -> None:
+        """Wait until every queued batch is sent (before DISC or a disconnect closes)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise ClientGone from self._error
+
+    def stop(self) -> None:
+        """The request loop ended: let the thread go without waiting for the client."""
+        if self._thread is not None:
+            if self._error is None:
+                # Unblock a sendmsg to a client that stopped reading.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(self.conn.sock, socket.SHUT_RDWR)
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 class Connection:
@@ -168,9 +236,9 @@ class Connection:
                 sock.sendall(b"".join(buffers))
             return
         while buffers:
-            batch = buffers[:MAX_IOV]
+            batch = buffers[:MAX_IOV] if len(buffers) > MAX_IOV else buffers
             sent = sock.sendmsg(batch)
-            total = sum(len(b) for b in batch)
+            total = sum(map(len, batch))
             if sent < total:
                 # Partial send: drop what went out, send the rest of this batch plainly.
                 rest = []
@@ -307,30 +375,69 @@ class Connection:
         if log.verbose:
             handle = self._timed(handle)
         recv_into = self.sock.recv_into
+        send = self._send_buffers
+        # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
+        # used by two threads at once), so that the kernel's copy of one batch overlaps the
+        # Lua work of the next.  Small ones are sent here: a thread hand-off costs more.
+        writer = _Writer(self) if not self._tls else None
         out: Buffers = []
-        while True:
+        size = 0  # READ payload bytes in `out`
+        try:
             while True:
-                request = parser.next_request()
-                if request is NEED_DATA:
-                    break
-                assert isinstance(request, Request)
-                if request.cmd is Cmd.DISC:
-                    self._send_buffers(out)
-                    log.debug(f"conn {self.number}: client sent NBD_CMD_DISC")
+                while True:
+                    request = parser.next_request()
+                    if request is NEED_DATA:
+                        break
+                    assert isinstance(request, Request)
+                    cmd = request.cmd
+                    if cmd is Cmd.DISC:
+                        log.debug(f"conn {self.number}: client sent NBD_CMD_DISC")
+                        self._send_batch(out, size, writer)
+                        if writer is not None:
+                            writer.finish()
+                        return
+                    out += handle(request, session)
+                    if cmd is Cmd.READ:
+                        size += request.length
+                        if size >= MAX_BATCH:
+                            # Send before executing more: a client that pipelines many
+                            # big READs and never reads replies is held back by the
+                            # socket (backpressure), not buffered in our memory.
+                            self._send_batch(out, size, writer)
+                            out, size = [], 0
+                if out:
+                    if writer is None:
+                        send(out)
+                    else:
+                        self._send_batch(out, size, writer)
+                    out, size = [], 0
+                if self._closing:
+                    if writer is not None:
+                        writer.finish()
                     return
-                out += handle(request, session)
-            if out:
+                # Receive straight into the parser's buffer: a WRITE payload is then copied
+                # only once more, into the bytes object the plugin gets.
+                with parser.get_buffer() as view:
+                    n = recv_into(view)
+                if n == 0:
+                    raise ClientGone
+                parser.commit(n)
+        finally:
+            if writer is not None:
+                writer.stop()
+
+    def _send_batch(self, out: Buffers, size: int, writer: _Writer | None) -> None:
+        """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes
+        of READ data, else here (under the writer's lock once it has started)."""
+        if writer is None:
+            self._send_buffers(out)
+        elif size >= WRITER_THRESHOLD:
+            writer.put(out)
+        elif writer.started:
+            with writer.lock:
                 self._send_buffers(out)
-                out = []
-            if self._closing:
-                return
-            # Receive straight into the parser's buffer: a WRITE payload is then copied
-            # only once more, into the bytes object the plugin gets.
-            with parser.get_buffer() as view:
-                n = recv_into(view)
-            if n == 0:
-                raise ClientGone
-            parser.commit(n)
+        else:
+            self._send_buffers(out)
 
     def _timed(self, handle: Callable[[Request, Session], Buffers],
                ) -> Callable[[Request, Session], Buffers]:
