@@ -64,7 +64,7 @@ SLOW_REQUEST = 1.0
 #: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
 MAX_IOV = 1024
 #: READ batches of at least this many bytes go to the connection's writer thread.
-WRITER_THRESHOLD = 64 * 1024
+WRITER_THRESHOLD = 128 * 1024
 #: Reply batches queued for the writer thread at most (then the request loop waits).
 WRITER_QUEUE = 2
 #: READ replies of this many bytes are sent before more requests are executed.
@@ -132,7 +132,7 @@ class _Writer:
             if self._error is None:
                 # Unblock a sendmsg to a client that stopped reading.
                 with contextlib.suppress(OSError):
-                    socket.socket.shutdown(self.conn.sock, socket.SHUT_RDWR)
+                    self.conn.sock.shutdown(socket.SHUT_RDWR)  # never an SSLSocket here
             self._queue.put(None)
             self._thread.join()
             self._thread = None
