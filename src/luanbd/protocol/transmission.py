@@ -9,6 +9,7 @@ unadvertised or oversized request.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,6 +85,41 @@ _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
+#: WRITE payloads at least this big that are not yet all received go straight into their
+#: final ``bytes`` object (see :func:`writable_bytes`) instead of through the buffer.
+DIRECT_PAYLOAD = 64 * 1024
+
+
+def _bytes_writer() -> Callable[[int], tuple[bytes, memoryview]] | None:
+    """CPython: make a ``bytes`` object of n bytes and a writable view of its contents.
+
+    The object is filled before anybody else sees it (its hash is computed lazily), which
+    saves copying a large WRITE payload out of the receive buffer: the kernel writes it
+    where the plugin will read it.  None where this is not CPython.
+    """
+    try:
+        import ctypes
+
+        new = ctypes.pythonapi.PyBytes_FromStringAndSize
+        new.restype = ctypes.py_object
+        new.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        offset = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval)
+    except (ImportError, AttributeError):
+        return None
+
+    def make(n: int) -> tuple[bytes, memoryview]:
+        obj: bytes = new(None, n)
+        array = (ctypes.c_char * n).from_address(id(obj) + offset)
+        return obj, memoryview(array).cast("B")
+
+    probe, view = make(3)  # make sure the layout is what we think, once
+    view[:] = b"abc"
+    return make if probe == b"abc" else None
+
+
+writable_bytes = _bytes_writer()
+
+
 class RequestParser:
     """Incremental parser of the request stream.
 
@@ -110,6 +146,11 @@ class RequestParser:
         self._discard = 0
         #: Bytes the request being assembled still needs (so get_buffer can make room).
         self._need = 0
+        #: A big WRITE whose payload is being received straight into ``_payload``.
+        self._payload: bytes | None = None
+        self._payload_view = memoryview(b"")
+        self._payload_filled = 0
+        self._payload_header: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add client bytes."""
@@ -124,6 +165,9 @@ class RequestParser:
 
     def get_buffer(self) -> memoryview:
         """Free space at the end of the buffer to receive into; release it before commit."""
+        payload = self._payload
+        if payload is not None and self._payload_filled < len(payload):
+            return self._payload_view[self._payload_filled:]
         buf = self._buffer
         want = max(self._chunk, self._need)
         if len(buf) - self._end < want:
@@ -140,6 +184,10 @@ class RequestParser:
 
     def commit(self, n: int) -> None:
         """``n`` bytes were written at the start of the last :meth:`get_buffer` view."""
+        payload = self._payload
+        if payload is not None and self._payload_filled < len(payload):
+            self._payload_filled += n
+            return
         if self._discard:
             taken = min(self._discard, n)
             self._discard -= taken
@@ -156,6 +204,8 @@ class RequestParser:
 
     def next_request(self) -> Request | _NeedData:
         """The next complete request, or ``NEED_DATA``.  Raises ProtocolViolation."""
+        if self._payload is not None:
+            return self._direct_payload_request()
         buf = self._buffer
         pos = self._pos
         avail = self._end - pos
@@ -172,6 +222,8 @@ class RequestParser:
         start = pos + size
         if cmd is Cmd.WRITE and length <= MAX_REQUEST_SIZE:
             if avail - size < length:
+                if length >= DIRECT_PAYLOAD and writable_bytes is not None:
+                    return self._start_direct_payload(flags, cookie, offset, length, start)
                 self._need = size + length - avail
                 return NEED_DATA
             with memoryview(buf) as view:
@@ -189,6 +241,32 @@ class RequestParser:
         else:
             self._pos = start
         return Request(cmd, flags, cookie, offset, length, data)
+
+
+    def _start_direct_payload(self, flags: int, cookie: int, offset: int, length: int,
+                              start: int) -> _NeedData:
+        """Move what arrived of a big WRITE payload into its final bytes object; the rest
+        is received straight into it (get_buffer)."""
+        assert writable_bytes is not None
+        payload, view = writable_bytes(length)
+        have = self._end - start
+        view[:have] = memoryview(self._buffer)[start:self._end]
+        self._payload, self._payload_view, self._payload_filled = payload, view, have
+        self._payload_header = (flags, cookie, offset, length)
+        self._pos = self._end = 0
+        self._need = 0
+        return NEED_DATA
+
+    def _direct_payload_request(self) -> Request | _NeedData:
+        payload = self._payload
+        assert payload is not None
+        if self._payload_filled < len(payload):
+            return NEED_DATA
+        self._payload = None
+        self._payload_view.release()
+        self._payload_view = memoryview(b"")
+        flags, cookie, offset, length = self._payload_header
+        return Request(Cmd.WRITE, flags, cookie, offset, length, payload)
 
 
 def validate_request(request: Request, session: Session) -> None:
