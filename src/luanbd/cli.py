@@ -42,7 +42,7 @@ luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--tls-psk /path/to/pskfile] [--tls-verify-peer]
        [-D|--debug NAME.FLAG=N] [--keepalive] [--print-uri]
        [--timeout=DELAY] [--limit=N] [--request-timeout=DELAY]
-       [--lua-memory-limit=SIZE]
+       [--lua-memory-limit=SIZE] [--lua-gc=incremental|generational]
        [-u|--user USER] [-g|--group GROUP]
        [-U|--unix SOCKET|-] [-v|--verbose]
        [lua] SCRIPT.lua [script=SCRIPT.lua] [KEY=VALUE ...]
@@ -91,6 +91,8 @@ Plugin options:
   --filter FILTER                  refused, except --filter=limit (see --limit)
   --request-timeout=DELAY          a Lua callback running longer fails (EIO)
   --lua-memory-limit=SIZE          Lua allocations past SIZE fail (ENOMEM)
+  --lua-gc=incremental|generational
+                                   Lua 5.4's garbage collector mode
 
 Debug and logging options:
   -v, --verbose                    debug messages
@@ -154,6 +156,7 @@ def _parser() -> _Parser:
     a("--limit")
     a("--request-timeout")
     a("--lua-memory-limit")
+    a("--lua-gc")
     a("--print-uri", action="store_true")
     a("-u", "--user")
     a("-U", "--unix")
@@ -364,6 +367,7 @@ def parse_args(argv: list[str]) -> Command:
         request_timeout=_delay("--request-timeout", ns.request_timeout, None),
         lua_memory_limit=(_size("--lua-memory-limit", ns.lua_memory_limit)
                           if ns.lua_memory_limit is not None else None),
+        lua_gc=ns.lua_gc,
     )
     return cmd
 

@@ -87,3 +87,5 @@ class ServerConfig:
     request_timeout: float | None = None
     #: --lua-memory-limit: bytes the Lua state may allocate (None: no limit).
     lua_memory_limit: int | None = None
+    #: --lua-gc: the Lua 5.4 collector mode (None: Lua's default, incremental).
+    lua_gc: str | None = None

@@ -220,3 +220,29 @@ def line_no(text: str) -> int:
     lines = [i for i, line in enumerate(Path(BUGGY).read_text().splitlines(), 1) if text in line]
     assert len(lines) == 1
     return lines[0]
+
+
+# --- --lua-gc ---------------------------------------------------------------------------------
+
+GCMODE = script("gcmode.lua")
+
+
+@pytest.mark.parametrize("mode", ["incremental", "generational", None])
+def test_lua_gc_mode(start_server: StartServer, mode: str | None) -> None:
+    options = [f"--lua-gc={mode}"] if mode else []
+    server = start_server(GCMODE, options=options)
+    h = connect(server)
+    assert h.pread(512, 0).rstrip() == (mode or "incremental").encode()
+
+
+def test_lua_gc_needs_lua54() -> None:
+    result = run_luanbd("--lua=5.1", "--lua-gc=generational", GCMODE, "--dump-plugin")
+    assert result.returncode == 1
+    assert result.stderr == ("luanbd: error: --lua-gc=generational: needs Lua 5.4 or later "
+                             "(--lua=5.4)\n")
+
+
+def test_lua_gc_unknown_mode() -> None:
+    result = run_luanbd("--lua-gc=fast", GCMODE, "--dump-plugin")
+    assert result.returncode == 1
+    assert result.stderr == "luanbd: error: --lua-gc=fast: choose from incremental, generational\n"

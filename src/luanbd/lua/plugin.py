@@ -62,6 +62,8 @@ SEED_CALLBACKS = frozenset({
     "can_flush", "is_rotational", "can_trim", "pread", "pwrite", "flush", "trim", "zero",
 })
 REQUIRED = ("open", "get_size", "pread")
+#: --lua-gc choices (Lua 5.4's collectgarbage modes).
+GC_MODES = ("incremental", "generational")
 
 
 def _text(value: Any) -> str:
@@ -72,7 +74,7 @@ class LuaPlugin:
     """One Lua script loaded into one Lua state."""
 
     def __init__(self, script: str, *, lua: str = "5.4",
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, gc: str | None = None) -> None:
         self.script = script
         self.lua_name = lua
         try:
@@ -99,6 +101,8 @@ class LuaPlugin:
         # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.
         self._load_string = self.g.loadstring or self.g.load
         self._call = self._install_nbdkit_table()
+        if gc is not None:
+            self._set_gc_mode(gc)
         self._load_script()
         self.api_version = self._read_api_version()
         self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
@@ -106,6 +110,16 @@ class LuaPlugin:
         self.resolve_callbacks()
 
     # --- loading ------------------------------------------------------------------------
+    def _set_gc_mode(self, mode: str) -> None:
+        """--lua-gc: Lua 5.4's collector mode, before the script allocates anything."""
+        if mode not in GC_MODES:
+            raise StartupError(f"--lua-gc={mode}: choose from {', '.join(GC_MODES)}")
+        try:
+            self.g.collectgarbage(mode.encode())
+        except self._lupa.LuaError:
+            # Lua before 5.4 and LuaJIT know neither mode by name.
+            raise StartupError(f"--lua-gc={mode}: needs Lua 5.4 or later (--lua=5.4)") from None
+
     def _install_nbdkit_table(self) -> Callable[..., Any]:
         source = resources.files("luanbd.lua").joinpath("nbdkit.lua").read_bytes()
         chunk = self._load_string(source, b"=nbdkit.lua")

@@ -41,7 +41,8 @@ _PR_SET_PDEATHSIG = 1
 
 def load_plugin(config: ServerConfig) -> LuaPlugin:
     """Load the script and pass it the configuration (not config_complete)."""
-    plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit)
+    plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit,
+                       gc=config.lua_gc)
     plugin.load()
     magic = plugin.string_global("magic_config_key")
     for key, value in config.params:
