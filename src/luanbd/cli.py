@@ -44,7 +44,7 @@ luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--timeout=DELAY] [--limit=N] [--request-timeout=DELAY]
        [--lua-memory-limit=SIZE] [--lua-gc=incremental|generational]
        [-u|--user USER] [-g|--group GROUP]
-       [-U|--unix SOCKET|-] [-v|--verbose]
+       [-U|--unix SOCKET|-] [-v|--verbose] [--vsock]
        [lua] SCRIPT.lua [script=SCRIPT.lua] [KEY=VALUE ...]
 
 luanbd [lua] SCRIPT.lua --dump-plugin
@@ -63,6 +63,7 @@ Listening options:
   -i, --ipaddr IPADDR              listen on this address only
   -4, --ipv4-only / -6, --ipv6-only
   -s, --single, --stdin            serve one connection on stdin
+  --vsock                          listen on AF_VSOCK (virtual machines), port -p
   --keepalive                      SO_KEEPALIVE on TCP connections
   --print-uri                      print the URI of the server once listening
   -n, --newstyle / -o, --oldstyle  handshake flavour (newstyle by default)
@@ -157,6 +158,7 @@ def _parser() -> _Parser:
     a("--request-timeout")
     a("--lua-memory-limit")
     a("--lua-gc")
+    a("--vsock", action="store_true")
     a("--print-uri", action="store_true")
     a("-u", "--user")
     a("-U", "--unix")
@@ -310,6 +312,8 @@ def parse_args(argv: list[str]) -> Command:
     listen_fds = socket_activation_fds()
     if listen_fds and (ns.ipaddr or ns.port or ns.unix or ns.single or ns.run is not None):
         raise UsageError("cannot use socket activation with -i, -p, -s, -U or --run options")
+    if ns.vsock and (ns.unix or ns.single):
+        raise UsageError("--vsock cannot be used with -U or -s")
     if ns.unix and ns.port:
         raise UsageError("-p and -U options cannot be used together")
     if ns.single and (ns.unix or ns.port or ns.run):
@@ -368,6 +372,7 @@ def parse_args(argv: list[str]) -> Command:
         lua_memory_limit=(_size("--lua-memory-limit", ns.lua_memory_limit)
                           if ns.lua_memory_limit is not None else None),
         lua_gc=ns.lua_gc,
+        vsock=ns.vsock,
     )
     return cmd
 

@@ -87,5 +87,7 @@ class ServerConfig:
     request_timeout: float | None = None
     #: --lua-memory-limit: bytes the Lua state may allocate (None: no limit).
     lua_memory_limit: int | None = None
+    #: --vsock: listen on AF_VSOCK (port: ``port``) instead of TCP.
+    vsock: bool = False
     #: --lua-gc: the Lua 5.4 collector mode (None: Lua's default, incremental).
     lua_gc: str | None = None

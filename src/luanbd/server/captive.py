@@ -19,6 +19,8 @@ class Endpoint:
     port: int | None = None
     export_name: str = ""
     tls: TlsMode = TlsMode.OFF
+    #: --vsock: ``port`` is a vsock port (the URI names CID 1, as nbdkit's does).
+    vsock: bool = False
 
     @property
     def uri(self) -> str:
@@ -29,7 +31,8 @@ class Endpoint:
             path = f"/{name}" if name else ""
             socket = urllib.parse.quote(self.unix_socket, safe="/")
             return f"nbd{s}+unix://{path}?socket={socket}"
-        return f"nbd{s}://localhost:{self.port}" + (f"/{name}" if name else "")
+        host = "+vsock://1" if self.vsock else "://localhost"
+        return f"nbd{s}{host}:{self.port}" + (f"/{name}" if name else "")
 
 
 def environment(endpoint: Endpoint) -> dict[str, str]:

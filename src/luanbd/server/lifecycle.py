@@ -31,6 +31,7 @@ from luanbd.server.listener import (
     activated_sockets,
     bind_tcp,
     bind_unix,
+    bind_vsock,
 )
 from luanbd.server.service import Service
 
@@ -164,6 +165,11 @@ def _serve(plugin: LuaPlugin, config: ServerConfig,
                 listener = Listener([bind_unix(path)])
                 endpoint = captive.Endpoint(unix_socket=path, export_name=config.export_name,
                                             tls=config.tls)
+            elif config.vsock:
+                port = config.port or DEFAULT_PORT
+                listener = Listener([bind_vsock(port)])
+                endpoint = captive.Endpoint(port=port, export_name=config.export_name,
+                                            tls=config.tls, vsock=True)
             else:
                 port = config.port or DEFAULT_PORT
                 listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))

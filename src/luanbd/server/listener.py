@@ -36,6 +36,22 @@ def bind_unix(path: str) -> socket.socket:
     return sock
 
 
+def bind_vsock(port: int) -> socket.socket:
+    """--vsock: listen on AF_VSOCK (virtual machine sockets), any CID, as nbdkit."""
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except (AttributeError, OSError) as err:
+        reason = getattr(err, "strerror", None) or "AF_VSOCK is not supported here"
+        raise BindError(f"--vsock: socket: {reason}") from None
+    try:
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(BACKLOG)
+    except OSError as err:
+        sock.close()
+        raise BindError(f"bind: vsock port {port}: {err.strerror}") from None
+    return sock
+
+
 def bind_tcp(host: str | None, port: int, family: int = 0) -> list[socket.socket]:
     """Listen on every address ``host`` resolves to (all addresses when None), as nbdkit."""
     af = {4: socket.AF_INET, 6: socket.AF_INET6}.get(family, socket.AF_UNSPEC)
@@ -118,7 +134,12 @@ class Listener:
                         else:
                             log.debug(f"accept: {err}")
                         continue
-                    peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+                    if listener.family == getattr(socket, "AF_VSOCK", None):
+                        peer = f"vsock:{addr[0]}:{addr[1]}"  # (CID, port)
+                    elif isinstance(addr, tuple):
+                        peer = f"{addr[0]}:{addr[1]}"
+                    else:
+                        peer = str(addr)
                     handle(conn, peer)
 
     def _report_exhausted(self, err: OSError) -> None:
