@@ -246,3 +246,18 @@ def test_lua_gc_unknown_mode() -> None:
     result = run_luanbd("--lua-gc=fast", GCMODE, "--dump-plugin")
     assert result.returncode == 1
     assert result.stderr == "luanbd: error: --lua-gc=fast: choose from incremental, generational\n"
+
+
+def test_failed_request_names_its_connection_with_v(start_server: StartServer) -> None:
+    """Error lines keep nbdkit's shape; with -v a debug line adds the connection, the
+    request and the errno (issue 6: the connection number in the log)."""
+    server = start_server(BUGGY, options=["-v"])
+    h = connect(server)
+    with pytest.raises(nbd.Error):
+        h.pread(512, 12288)  # coroutine.yield outside a coroutine
+    log = server.wait_log("failed: EIO")
+    assert "luanbd: error: pread: attempt to yield from outside a coroutine" in log
+    debug = [line for line in log.splitlines() if "failed: EIO" in line]
+    assert len(debug) == 1
+    assert debug[0].startswith("luanbd: debug: conn 2: NBD_CMD_READ cookie=")
+    assert debug[0].endswith("offset=12288 count=512 failed: EIO")

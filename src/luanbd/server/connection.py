@@ -490,13 +490,21 @@ class Connection:
             return None, 0
         except RequestError as err:
             log.error(f"invalid request: {err}")
-            return None, err.errno
+            return self._failed(req, err.errno)
         except FastZeroRefused as err:
             log.debug(str(err))
-            return None, err.errno
+            return self._failed(req, err.errno)
         except PluginError as err:
             log.error(str(err))
-            return None, err.errno
+            return self._failed(req, err.errno)
+
+    def _failed(self, req: Request, code: int) -> tuple[None, int]:
+        """With -v, a failed request is also logged with its connection and errno (the
+        error line itself keeps nbdkit's shape: ``luanbd: error: pread: script.lua:12: ...``)."""
+        if log.verbose:
+            log.debug(f"conn {self.number}: {req.cmd} cookie={req.cookie} offset={req.offset} "
+                      f"count={req.length} failed: {errno.errorcode.get(code, code)}")
+        return None, code
 
     def _handle(self, req: Request, session: Session) -> Buffers:
         """One request, answered with simple or structured replies."""
