@@ -5,8 +5,8 @@
 - 64 fio jobs, one connection each, write and verify (crc32c) disjoint regions at once.
 - 64 idle connections cost at most 64 MiB of server RSS (issue 4), with the shared Lua state
   of the default thread model and with a Lua state per connection (``parallel``).
-- A burst of 1,000 libnbd connects is queued, as nbdkit's listen backlog queues it (xfail:
-  luanbd's backlog is 128).
+- A burst of 1,000 libnbd connects is queued, as nbdkit's listen backlog (SOMAXCONN) queues
+  it.
 
 Every test prints its figures (``pytest -s`` shows them) and puts them in its assertion
 messages. ``bench/connections.py`` takes the same measurements, and nbdkit's beside them.
@@ -375,11 +375,6 @@ BURST = 1000
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason=(
-    "luanbd bug: listener.py listens with a backlog of 128 (BACKLOG, commented 'as "
-    "nbdkit's SOMAXCONN-ish default'), nbdkit 1.32 with SOMAXCONN (4096 here, `ss -xl` "
-    "shows both): a burst of non-blocking connects (libnbd's aio_connect) beyond ~128 "
-    "fails with EAGAIN ('server backlog overflowed') where nbdkit queues all of them"))
 def test_burst_of_connects_queues_like_nbdkit(start_server: StartServer,
                                               many_fds: None) -> None:
     server = start_server(RAMDISK, "size=64M")

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 from luanbd import log
 
-#: listen() backlog, as nbdkit's SOMAXCONN-ish default.
-BACKLOG = 128
+#: listen() backlog: SOMAXCONN, as nbdkit (a burst of connects waits in the queue instead of
+#: failing with EAGAIN; the kernel caps it at net.core.somaxconn).
+BACKLOG = socket.SOMAXCONN
 #: Seconds to pause accepting when the process is out of file descriptors.
 ACCEPT_BACKOFF = 0.1
 
