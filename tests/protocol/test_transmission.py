@@ -407,3 +407,20 @@ def test_direct_payload_buffer_is_the_final_object() -> None:
     parser.commit(len(payload) - 10)
     req = parser.next_request()
     assert isinstance(req, Request) and req.data == payload
+
+
+def test_write_payload_that_cannot_be_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No memory for a WRITE's payload: it is dropped as it arrives (the stream stays in
+    step) and the request comes out without data, which the server answers with ENOMEM."""
+    import luanbd.protocol.transmission as t
+
+    def no_memory(n: int) -> tuple[bytes, memoryview]:
+        raise MemoryError
+
+    monkeypatch.setattr(t, "writable_bytes", no_memory)
+    payload = b"\x42" * (2 * DIRECT_PAYLOAD)
+    stream = (v.request(v.CMD_WRITE, cookie=1, data=payload)
+              + v.request(v.CMD_READ, cookie=2, length=512))
+    got = _feed(RequestParser(), stream, size=4096 + 28)
+    assert got == [Request(Cmd.WRITE, 0, 1, 0, len(payload), None),
+                   Request(Cmd.READ, 0, 2, 0, 512, None)]

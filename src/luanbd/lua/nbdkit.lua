@@ -81,8 +81,13 @@ local function finish(ok, ...)
     if e == "not enough memory" and last_errno == 0 then last_errno = nbdkit.ENOMEM end
   else
     local mt = getmetatable(e)
-    if mt and mt.__tostring then msg = tostring(e)
-    else msg = "(error object is a " .. t .. " value)" end
+    local named = false
+    if mt and mt.__tostring then
+      -- A __tostring that fails (or returns no string) must not escape the wrapper.
+      named, msg = pcall(tostring, e)
+      named = named and type(msg) == "string"
+    end
+    if not named then msg = "(error object is a " .. t .. " value)" end
   end
   return false, msg, last_errno
 end

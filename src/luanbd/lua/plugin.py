@@ -62,6 +62,10 @@ SEED_CALLBACKS = frozenset({
     "can_flush", "is_rotational", "can_trim", "pread", "pwrite", "flush", "trim", "zero",
 })
 REQUIRED = ("open", "get_size", "pread")
+#: Under --lua-memory-limit, payloads bigger than this are checked against the room left.
+MEMORY_CHECK = 4096
+#: Room kept free for the call itself (frames, the string's header) under that limit.
+MEMORY_MARGIN = 256 * 1024
 #: --lua-gc choices (Lua 5.4's collectgarbage modes).
 GC_MODES = ("incremental", "generational")
 
@@ -91,6 +95,7 @@ class LuaPlugin:
                                          # --lua-memory-limit: allocations past it fail
                                          # with Lua's "not enough memory" (ENOMEM).
                                          max_memory=memory_limit or None)
+        self._memory_limit = memory_limit or 0
         self.g = self.runtime.globals()
         # lupa's `python` table is of no use to an nbdkit script and would let it reach
         # Python objects: scripts see plain Lua plus the `nbdkit` table.
@@ -325,7 +330,8 @@ class LuaPlugin:
     def dump_plugin(self) -> None:
         if "dump_plugin" in self.fn:
             sys.stdout.flush()
-            self._startup_call("dump_plugin")
+            # An error is logged and --dump-plugin still succeeds, as with nbdkit 1.32.
+            self._logged_call("dump_plugin")
             self.g.io.stdout.flush(self.g.io.stdout)
 
     def _thread_model(self) -> ThreadModel:
@@ -334,6 +340,9 @@ class LuaPlugin:
             value = self._startup_call("thread_model")
         if value is None:
             return ThreadModel.SERIALIZE_ALL_REQUESTS
+        if not isinstance(value, bytes | int | float):
+            raise StartupError(f"thread_model: unknown thread model (a {self._lua_type(value)} "
+                               f"value)")
         try:
             return ThreadModel[_text(value).upper()]
         except KeyError:
@@ -506,10 +515,26 @@ class LuaPlugin:
     def pwrite(self, h: Handle, buf: bytes, offset: int, flags: int) -> None:
         if "pwrite" not in self.fn:
             raise PluginError("pwrite", "pwrite not implemented", errno.EROFS)
+        if self._memory_limit and len(buf) > MEMORY_CHECK:
+            self._reserve(len(buf))
         if self.api_version == 1:
             self.call("pwrite", h, buf, offset)
         else:
             self.call("pwrite", h, buf, offset, flags)
+
+    def _reserve(self, size: int) -> None:
+        """Under --lua-memory-limit, refuse (ENOMEM) a payload the Lua state has no room for.
+
+        lupa copies arguments into Lua outside any pcall: an allocation failing there is a
+        Lua panic, which aborts the whole process.  So make sure it cannot fail.
+        """
+        runtime = self.runtime
+        if runtime.get_memory_used() + size + MEMORY_MARGIN <= self._memory_limit:
+            return
+        self.g.collectgarbage(b"collect")  # garbage may be what fills it
+        if runtime.get_memory_used() + size + MEMORY_MARGIN > self._memory_limit:
+            raise PluginError("pwrite", f"not enough memory for a {size}-byte payload "
+                                        f"(--lua-memory-limit)", errno.ENOMEM)
 
     def flush(self, h: Handle, flags: int) -> None:
         if "flush" in self.fn:

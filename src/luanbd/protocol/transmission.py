@@ -40,8 +40,9 @@ class Request(NamedTuple):
     cookie: int
     offset: int
     length: int
-    #: The payload of NBD_CMD_WRITE; None for other commands and for oversize writes,
-    #: whose payload was read and dropped so that the stream stays in step.
+    #: The payload of NBD_CMD_WRITE; None for other commands and for oversize writes (or
+    #: writes whose payload could not be allocated), whose payload was read and dropped so
+    #: that the stream stays in step.
     data: bytes | None = None
 
 
@@ -221,14 +222,21 @@ class RequestParser:
         data = None
         start = pos + size
         if cmd is Cmd.WRITE and length <= MAX_REQUEST_SIZE:
-            if avail - size < length:
-                if length >= DIRECT_PAYLOAD and writable_bytes is not None:
-                    return self._start_direct_payload(flags, cookie, offset, length, start)
-                self._need = size + length - avail
-                return NEED_DATA
-            with memoryview(buf) as view:
-                data = bytes(view[start:start + length])
-            start += length
+            try:
+                if avail - size < length:
+                    if length >= DIRECT_PAYLOAD and writable_bytes is not None:
+                        return self._start_direct_payload(flags, cookie, offset, length, start)
+                    self._need = size + length - avail
+                    return NEED_DATA
+                with memoryview(buf) as view:
+                    data = bytes(view[start:start + length])
+                start += length
+            except MemoryError:
+                # No memory for the payload: drop it as it arrives, as for an oversize
+                # WRITE; the request has no data, which the server answers with ENOMEM.
+                taken = min(length, avail - size)
+                self._discard = length - taken
+                start += taken
         elif cmd is Cmd.WRITE or (self._extended and flags & _PAYLOAD_LEN):
             # An oversize WRITE, or a payload we never advertised (NBD_FLAG_BLOCK_STAT_PAYLOAD):
             # drop it as it arrives so the stream stays in step; validation answers the error.

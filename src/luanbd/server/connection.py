@@ -472,7 +472,9 @@ class Connection:
             if cmd is Cmd.READ:
                 return ctx.pread(req.length, req.offset), 0
             if cmd is Cmd.WRITE:
-                assert req.data is not None
+                if req.data is None:  # the parser could not allocate the payload
+                    raise RequestError(errno.ENOMEM, f"{cmd}: not enough memory for a "
+                                                     f"{req.length}-byte payload")
                 ctx.pwrite(req.data, req.offset, bool(flags & _FUA))
             elif cmd is Cmd.FLUSH:
                 ctx.flush()
