@@ -7,12 +7,13 @@ callback.  Each is hit by a real client; the server logs one line and goes on se
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 
 import nbd
 import pytest
-from luanbd_procs import NBDMAGIC, Server, StartServer, run_luanbd, script
+from luanbd_procs import IHAVEOPT, NBDMAGIC, Server, StartServer, run_luanbd, script
 
 BUGGY = script("buggy_callbacks.lua")
 
@@ -54,6 +55,37 @@ def test_silent_client_is_dropped_after_timeout(start_server: StartServer) -> No
     # The next client is served as usual.
     h = connect(server)
     assert h.pread(512, 16384) == bytes(512)
+
+
+def test_trickling_client_is_dropped_after_timeout(start_server: StartServer) -> None:
+    """--timeout bounds the whole handshake, not each read: a client that keeps sending one
+    byte at a time (slow-loris) is cut off too."""
+    server = start_server(BUGGY, options=["--timeout=2"])
+    s = raw_connect(server)
+    assert s.recv(18)[:8] == NBDMAGIC
+    # Client flags, an NBD_OPT_GO header announcing 1000 bytes, then its payload: one byte
+    # every 0.25 s (14 s in all if it were allowed).
+    trickle = struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 7, 1000) + bytes(36)
+    start = time.monotonic()
+    closed = False
+    for byte in trickle:
+        try:
+            s.send(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.25)
+        if time.monotonic() - start > 4:
+            break
+    if not closed:
+        s.settimeout(3)
+        try:
+            closed = s.recv(4096) == b""
+        except OSError:
+            closed = True
+    assert closed, "the trickling client was not disconnected"
+    assert time.monotonic() - start < 5.5
+    server.wait_log("did not finish the handshake within 2 seconds (--timeout)")
 
 
 def test_timeout_accepts_nbdkit_delay_formats(start_server: StartServer) -> None:

@@ -152,6 +152,8 @@ class Connection:
         self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
         self._closing = False
+        #: time.monotonic() by which the handshake must be over (None: --timeout=0).
+        self._deadline: float | None = None
         #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
         self._tls = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
@@ -167,7 +169,11 @@ class Connection:
             # A client gets --timeout to finish negotiating (greeting to NBD_OPT_GO): one
             # that connects and trickles or says nothing holds a thread, never a lock, and
             # not forever.
-            self.sock.settimeout(self.service.config.handshake_timeout)
+            timeout = self.service.config.handshake_timeout
+            self.sock.settimeout(timeout)
+            # A deadline for the whole handshake, not each read: a client that trickles one
+            # byte at a time must not keep its thread for ever.
+            self._deadline = time.monotonic() + timeout if timeout else None
             with self.service.locks.connection():
                 self._preconnect()
                 if self.service.config.oldstyle:
@@ -218,10 +224,20 @@ class Connection:
 
     # --- I/O ----------------------------------------------------------------------------
     def _recv(self) -> memoryview:
+        """Handshake reads (transmission receives straight into the request parser)."""
+        self._time_left()
         n = self.sock.recv_into(self._buf)
         if n == 0:
             raise ClientGone
         return self._view[:n]
+
+    def _time_left(self) -> None:
+        """Shorten the socket's timeout to what is left of the handshake's deadline."""
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
 
     def _send(self, data: bytes) -> None:
         if data:
@@ -312,6 +328,7 @@ class Connection:
         context = self.service.ssl_context
         if context is None:
             raise ProtocolViolation("STARTTLS accepted without a TLS context")
+        self._time_left()
         try:
             self.sock = context.wrap_socket(self.sock, server_side=True)
         except ssl.SSLError as err:
@@ -368,6 +385,7 @@ class Connection:
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
         self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
+        self._deadline = None
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended)
         handle: Callable[[Request, Session], Buffers] = (
