@@ -298,3 +298,23 @@ def test_client_against_server_into_transmission() -> None:
     parser = RequestParser(negotiated.trailing_data)
     req = parser.next_request()
     assert req == Request(v.CMD_BLOCK_STATUS, 0, 1, 0, 4096, None)
+
+
+def test_export_name_with_nul_closes_the_connection() -> None:
+    """Found by fuzz/fuzz_handshake.py: INFO/GO refuse a name with a NUL byte
+    (ERR_INVALID); NBD_OPT_EXPORT_NAME cannot be refused, so the connection is closed
+    rather than a name other than the client's being opened."""
+    import struct
+
+    from luanbd.protocol.constants import IHAVEOPT, Opt
+    from luanbd.protocol.errors import ProtocolViolation
+    from luanbd.protocol.handshake import HandshakeConfig, ServerHandshake
+
+    hs = ServerHandshake(HandshakeConfig())
+    hs.next_event()
+    hs.data_to_send()
+    hs.receive_data(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, Opt.EXPORT_NAME, 3)
+                    + b"a\0b")
+    with pytest.raises(ProtocolViolation, match="NUL"):
+        for _ in range(5):
+            hs.next_event()

@@ -450,6 +450,10 @@ class ServerHandshake:
     def _opt_export_name(self, payload: bytes) -> HandshakeEvent | None:
         if len(payload) > MAX_STRING:
             raise ProtocolViolation(f"export name too long ({len(payload)} bytes)")
+        if b"\0" in payload:
+            # INFO/GO refuse such a name with ERR_INVALID; EXPORT_NAME cannot be refused,
+            # only closed (nbdkit would cut the name at the NUL, a different export).
+            raise ProtocolViolation("NBD_OPT_EXPORT_NAME: export name contains a NUL byte")
         return ExportNameRequested(payload)
 
     def _opt_abort(self, payload: bytes) -> HandshakeEvent | None:
