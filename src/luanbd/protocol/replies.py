@@ -39,11 +39,15 @@ def simple_reply(cookie: int, error: NbdError = NbdError.OK,
     return [header] if data is None else [header, data]
 
 
+#: The structured reply header and the OFFSET_DATA chunk's offset, in one pack (hot path).
+_READ_CHUNK = struct.Struct(STRUCTURED_REPLY_HEADER.format + "Q")
+_MAGIC, _DONE, _OFFSET_DATA = (int(v) for v in (
+    STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.OFFSET_DATA))
+
+
 def read_chunk_reply(cookie: int, offset: int, data: bytes | memoryview) -> Buffers:
     """A successful READ as one NBD_REPLY_TYPE_OFFSET_DATA chunk with the DONE flag."""
-    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
-                                          ReplyType.OFFSET_DATA, cookie, 8 + len(data))
-    return [header + _U64.pack(offset), data]
+    return [_READ_CHUNK.pack(_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + len(data), offset), data]
 
 
 def error_chunk_reply(cookie: int, error: NbdError, message: bytes = b"") -> Buffers:

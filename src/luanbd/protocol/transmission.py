@@ -86,6 +86,9 @@ _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 
 
+#: Request(...) without NamedTuple's Python-level __new__ (once per request).
+_new_request = tuple.__new__
+
 #: WRITE payloads at least this big that are not yet all received go straight into their
 #: final ``bytes`` object (see :func:`writable_bytes`) instead of through the buffer.
 DIRECT_PAYLOAD = 64 * 1024
@@ -248,7 +251,7 @@ class RequestParser:
             self._pos = self._end = 0
         else:
             self._pos = start
-        return Request(cmd, flags, cookie, offset, length, data)
+        return _new_request(Request, (cmd, flags, cookie, offset, length, data))
 
 
     def _start_direct_payload(self, flags: int, cookie: int, offset: int, length: int,

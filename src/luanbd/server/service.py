@@ -50,6 +50,8 @@ class Service:
         #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
         self.ssl_context: ssl.SSLContext | None = None
         self.shutting_down = threading.Event()
+        #: The same as a plain attribute, read once per request.
+        self.stopping = False
         #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
         self.stop = threading.Event()
         # A self-pipe wakes wait_for_stop() with no polling; signals write to it too.
@@ -133,6 +135,7 @@ class Service:
         """Stop serving (proto.md: finish in-flight requests, answer later ones with
         ESHUTDOWN).  Clients get ``grace`` seconds to see ESHUTDOWN and leave; the rest are
         then cut off.  True if all connection threads ended within ``timeout`` seconds."""
+        self.stopping = True
         self.shutting_down.set()
         with self._lock:
             connections = list(self._connections.items())
