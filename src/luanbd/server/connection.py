@@ -91,10 +91,14 @@ class _Writer:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
-        self.started = False
         self._queue: queue.Queue[Buffers | None] = queue.Queue(WRITER_QUEUE)
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
+
+    @property
+    def started(self) -> bool:
+        """The thread runs: sending elsewhere must take ``lock``."""
+        return self._thread is not None
 
     def put(self, buffers: Buffers) -> None:
         if self._error is not None:
@@ -102,7 +106,6 @@ class _Writer:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True,
                                             name=f"conn-{self.conn.number}-writer")
-            self.started = True
             self._thread.start()
         self._queue.put(buffers)
 
@@ -397,7 +400,6 @@ class Connection:
         if log.verbose:
             handle = self._timed(handle)
         recv_into = self.sock.recv_into
-        send = self._send_buffers
         # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
         # used by two threads at once), so that the kernel's copy of one batch overlaps the
         # Lua work of the next.  Small ones are sent here: a thread hand-off costs more.
@@ -428,10 +430,7 @@ class Connection:
                             self._send_batch(out, size, writer)
                             out, size = [], 0
                 if out:
-                    if writer is None:
-                        send(out)
-                    else:
-                        self._send_batch(out, size, writer)
+                    self._send_batch(out, size, writer)
                     out, size = [], 0
                 if self._closing:
                     if writer is not None:
