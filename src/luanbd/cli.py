@@ -405,11 +405,11 @@ def _connection_limit(limit: str | None, filters: list[str],
                          f"(only --filter=limit, as a connection limit)")
     value = limit
     if filters:
-        for item in [p for p in params if p[0] == "limit"]:
+        own = [p for p in params if p[0] == "limit"]
+        for item in own:
             params.remove(item)
-            value = item[1] if limit is None else limit
         if value is None:
-            value = "1"
+            value = own[-1][1] if own else "1"
     if value is None:
         return DEFAULT_CONNECTION_LIMIT
     if not value.isdigit():
