@@ -175,7 +175,7 @@ def make_connection(b: Bench) -> Any:
     from luanbd.server.connection import Connection
 
     service = types.SimpleNamespace(plugin=b.plugin, shared_lock=b.lock,
-                                    shutting_down=threading.Event(), stopping=False)
+                                    stopping=False)
     conn = Connection(service, None, 1, "")  # type: ignore[arg-type]
     conn.ctx = b.ctx
     return conn

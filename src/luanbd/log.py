@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import sys
 import threading
+import time
 
 PROGRAM = "luanbd"
 
@@ -51,6 +52,22 @@ def _emit(level: str, message: str) -> None:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+
+
+class Throttle:
+    """For events that can come in floods (refused connections, no file descriptors left):
+    :meth:`ready` is true at most once every ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -interval
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now < self._last + self.interval:
+            return False
+        self._last = now
+        return True
 
 
 def error(message: str) -> None:

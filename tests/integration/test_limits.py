@@ -13,7 +13,15 @@ from pathlib import Path
 
 import nbd
 import pytest
-from luanbd_procs import IHAVEOPT, NBDMAGIC, Server, StartServer, run_luanbd, script
+from luanbd_procs import (
+    IHAVEOPT,
+    NBDMAGIC,
+    Server,
+    StartServer,
+    line_of,
+    run_luanbd,
+    script,
+)
 
 BUGGY = script("buggy_callbacks.lua")
 
@@ -173,7 +181,7 @@ def test_request_timeout_interrupts_a_lua_loop(start_server: StartServer) -> Non
         h.pread(512, 4096)  # `while true do end`
     assert 0.4 < time.monotonic() - start < 5.0
     assert err.value.errno == "EIO"
-    line = f"luanbd: error: pread: {BUGGY}:{line_no('while true do end')}: callback still " \
+    line = f"luanbd: error: pread: {BUGGY}:{line_of(BUGGY, 'while true do end')}: callback still " \
            "running after 0.5 seconds (--request-timeout)"
     assert server.errors() == [line]
     # The same connection goes on, and so does the Lua state.
@@ -204,7 +212,7 @@ def test_os_exit_in_a_callback_fails_that_request(start_server: StartServer) -> 
         h.pread(512, 0)  # os.exit(3)
     assert err.value.errno == "EIO"
     assert server.errors() == [
-        f"luanbd: error: pread: {BUGGY}:{line_no('os.exit(3)')}: os.exit is not allowed "
+        f"luanbd: error: pread: {BUGGY}:{line_of(BUGGY, 'os.exit(3)')}: os.exit is not allowed "
         "while serving clients (use nbdkit.shutdown() to stop the server)"]
     assert server.alive()
     assert h.pread(512, 16384) == bytes(512)
@@ -247,11 +255,6 @@ def test_bad_memory_limit_is_a_usage_error() -> None:
     assert result.stderr == ("luanbd: --lua-memory-limit: could not parse size string "
                              "(lots)\n")
 
-
-def line_no(text: str) -> int:
-    lines = [i for i, line in enumerate(Path(BUGGY).read_text().splitlines(), 1) if text in line]
-    assert len(lines) == 1
-    return lines[0]
 
 
 # --- --lua-gc ---------------------------------------------------------------------------------

@@ -354,7 +354,7 @@ class Connection:
         return hs.export_list_reply([(name, desc or b"") for name, desc in exports])
 
     def _info_reply(self, hs: ServerHandshake, event: ExportInfoRequested) -> bytes:
-        if self.service.shutting_down.is_set():
+        if self.service.stopping:
             return hs.option_error_reply(Rep.ERR_SHUTDOWN, "server is shutting down")
         self._close_export()  # a GO after an INFO opens afresh, as nbdkit does
         try:

@@ -105,7 +105,7 @@ class Listener:
         self.sockets = sockets
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
-        self._exhausted_logged = -10.0
+        self._exhausted_log = log.Throttle(10.0)
 
     def start(self, handle: Callable[[socket.socket, str], None]) -> None:
         self._thread = threading.Thread(target=self._accept_loop, args=(handle,),
@@ -144,10 +144,8 @@ class Listener:
                     handle(conn, peer)
 
     def _report_exhausted(self, err: OSError) -> None:
-        now = time.monotonic()
-        if now >= self._exhausted_logged + 10.0:
+        if self._exhausted_log.ready():
             log.error(f"accept: {err.strerror}: new connections wait until others close")
-            self._exhausted_logged = now
 
     def close(self) -> None:
         os.write(self._wake_w, b"x")

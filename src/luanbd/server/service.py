@@ -49,8 +49,8 @@ class Service:
         )
         #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
         self.ssl_context: ssl.SSLContext | None = None
-        self.shutting_down = threading.Event()
-        #: The same as a plain attribute, read once per request.
+        #: Set once shutdown has begun: new connections are refused, requests get
+        #: ESHUTDOWN (a plain attribute: read once per request).
         self.stopping = False
         #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
         self.stop = threading.Event()
@@ -61,7 +61,7 @@ class Service:
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
         self._refused = 0
-        self._refused_logged = -REFUSED_LOG_INTERVAL
+        self._refused_log = log.Throttle(REFUSED_LOG_INTERVAL)
 
     def plugin_for_connection(self) -> tuple[Plugin, AbstractContextManager[object]]:
         """The plugin and request lock a new connection uses."""
@@ -71,7 +71,7 @@ class Service:
 
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Serve an accepted socket in a new thread."""
-        if self.shutting_down.is_set():
+        if self.stopping:
             sock.close()
             return
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -108,11 +108,9 @@ class Service:
         log line per burst, not one per refused connection."""
         sock.close()
         self._refused += 1
-        now = time.monotonic()
-        if now >= self._refused_logged + REFUSED_LOG_INTERVAL:
+        if self._refused_log.ready():
             log.error(f"connection limit of {limit} reached (--limit): closed the connection "
                       f"from {peer or 'local'} ({self._refused} refused so far)")
-            self._refused_logged = now
 
     def serve_here(self, sock: socket.socket) -> None:
         """Serve one connection in the calling thread (``-s``)."""
@@ -136,7 +134,6 @@ class Service:
         ESHUTDOWN).  Clients get ``grace`` seconds to see ESHUTDOWN and leave; the rest are
         then cut off.  True if all connection threads ended within ``timeout`` seconds."""
         self.stopping = True
-        self.shutting_down.set()
         with self._lock:
             connections = list(self._connections.items())
         deadline = time.monotonic() + grace
