@@ -49,6 +49,21 @@ def line_of(script_path: str, text: str) -> int:
     return lines[0]
 
 
+def where(script_path: str, line: int, lua: str = "5.4") -> str:
+    """``SOURCE:LINE`` as Lua puts it in front of an error raised at ``line`` of a script.
+
+    Lua names a script loaded from a file by its path, but keeps at most LUA_IDSIZE (60)
+    bytes of the name: a longer path keeps its tail behind "..." (luaO_chunkid; Lua 5.1
+    cuts at a different length).  nbdkit's luaL_loadfile does the same,
+    so a test must not assume that the whole path shows.
+    """
+    if lua == "5.1":  # "..." and the last 52 bytes once the path is over 52
+        name = script_path if len(script_path) <= 52 else "..." + script_path[-52:]
+    else:  # 5.2 to 5.5 and LuaJIT: "..." and the last 56 bytes once it is over 59
+        name = script_path if len(script_path) <= 59 else "..." + script_path[-56:]
+    return f"{name}:{line}"
+
+
 def client_env(**extra: str) -> dict[str, str]:
     """The environment for luanbd and its clients.
 

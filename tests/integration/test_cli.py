@@ -39,6 +39,7 @@ from luanbd_procs import (
     wait_file,
     wait_gone,
     wait_path,
+    where,
 )
 
 DISK = script("disk.lua")
@@ -466,7 +467,8 @@ def test_dump_plugin_runs_config_but_not_config_complete() -> None:
     failed = run_luanbd("--dump-plugin", DISK, "fail=config")
     assert failed.returncode == 1
     line = line_of(DISK, 'error("config failed")')
-    assert failed.stderr.splitlines() == [f"luanbd: error: config: {DISK}:{line}: config failed"]
+    assert failed.stderr.splitlines() == [
+        f"luanbd: error: config: {where(DISK, line)}: config failed"]
 
 
 @pytest.mark.timeout(30)

@@ -50,6 +50,7 @@ from luanbd_procs import (
     run_client,
     run_luanbd,
     script,
+    where,
 )
 
 FAULTY = script("faulty.lua")
@@ -75,7 +76,7 @@ def connect(server: Server, export: str = "", **kw: Any) -> nbd.NBD:
 
 def injected(cb: str) -> str:
     """The log line of faulty.lua's error() in callback ``cb``."""
-    return f"luanbd: error: {cb}: {FAULTY}:{FAULTY_LINE}: {cb} failed on purpose"
+    return f"luanbd: error: {cb}: {where(FAULTY, FAULTY_LINE)}: {cb} failed on purpose"
 
 
 def read_lines(path: Path) -> list[str]:
@@ -422,7 +423,7 @@ FAILING_READS = {
                          "pread: read at {off}: Is a directory"),
     # A closed Lua file: Lua raises an error without errno (at pread's seek).
     "closed-file": (["file={disk}", "closed=1"], "EIO",
-                    "pread: {script}:{line}: attempt to use a closed file"),
+                    "pread: {where}: attempt to use a closed file"),
 }
 
 
@@ -442,7 +443,7 @@ def test_failing_reads_reach_the_client(start_server: StartServer, workdir: Path
     h.shutdown()
     seek_line = line_of(FILEDISK, "local ok, msg, errno = fh:seek(\"set\", offset)  -- pread")
     assert server.errors() == [
-        f"luanbd: error: {message.format(off=off, script=FILEDISK, line=seek_line)}"
+        f"luanbd: error: {message.format(off=off, where=where(FILEDISK, seek_line))}"
         for off in (0, 4096)]
     # The server goes on: a later client still gets the size.
     assert run_client(["nbdinfo", "--size", server.uri]).stdout == "65536\n"
@@ -506,7 +507,7 @@ YIELD_MESSAGES = {
     "5.2": "attempt to yield from outside a coroutine",
     "5.5": "attempt to yield from outside a coroutine",
     "5.1": "attempt to yield across metamethod/C-call boundary",
-    "luajit": "{script}:{line}: attempt to yield across C-call boundary",
+    "luajit": "{where}: attempt to yield across C-call boundary",
 }
 
 
@@ -530,7 +531,7 @@ def test_yield_outside_a_coroutine(start_server: StartServer, lua: str) -> None:
     assert try_call(lambda: h.pread(512, 0)) == "EIO"
     h.shutdown()
     message = YIELD_MESSAGES[lua].format(
-        script=COROUTINES, line=line_of(COROUTINES, 'coroutine.yield("from pread")'))
+        where=where(COROUTINES, line_of(COROUTINES, 'coroutine.yield("from pread")'), lua))
     assert server.errors() == [f"luanbd: error: pread: {message}"] * 2
     # A yield in open: a clean handshake error, then the server goes on.
     with pytest.raises(nbd.Error) as failure:
@@ -616,7 +617,7 @@ def test_callback_out_of_memory(start_server: StartServer, workdir: Path) -> Non
     rep_line = line_of(str(memhog), 'string.rep("x", 2^40)')
     assert server.errors() == [
         "luanbd: error: pread: not enough memory",
-        f"luanbd: error: pread: {memhog}:{rep_line}: resulting string too large",
+        f"luanbd: error: pread: {where(str(memhog), rep_line)}: resulting string too large",
         "luanbd: error: pread: not enough memory",
         "luanbd: error: pread: not enough memory",
     ]

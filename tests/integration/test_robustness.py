@@ -34,6 +34,7 @@ from luanbd_procs import (
     line_of,
     run_client,
     script,
+    where,
 )
 
 DISK = script("disk.lua")
@@ -88,7 +89,7 @@ def test_lua_error_gives_eio_and_connection_keeps_working(start_server: StartSer
     _fail_and_recover(h, op)
     h.shutdown()
     line = line_of(DISK, f'error("{op} failed")')
-    assert server.errors() == [f"luanbd: error: {op}: {DISK}:{line}: {op} failed"]
+    assert server.errors() == [f"luanbd: error: {op}: {where(DISK, line)}: {op} failed"]
 
 
 @pytest.mark.timeout(60)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from luanbd_procs import SCRIPTS, client_env, line_of, run_luanbd, script
+from luanbd_procs import SCRIPTS, client_env, line_of, run_luanbd, script, where
 
 DISK = script("disk.lua")
 CONFIG_LINE = line_of(DISK, 'error("config failed")')
@@ -128,7 +128,7 @@ def test_absolute_script_path_appears_as_given() -> None:
     result = run_luanbd("-U", "-", "--run", "echo SERVED", str(SCRIPTS / "syntax_error.lua"))
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"luanbd: error: could not parse Lua script {SCRIPTS}/syntax_error.lua:2: "
+        f"luanbd: error: could not parse Lua script {where(str(SCRIPTS / 'syntax_error.lua'), 2)}: "
         "unexpected symbol near '='"]
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import nbd
 import pytest
-from luanbd_procs import Server, StartServer, run_luanbd, script, terminate_pid, wait_file
+from luanbd_procs import (
+    Server,
+    StartServer,
+    line_of,
+    run_luanbd,
+    script,
+    terminate_pid,
+    wait_file,
+    where,
+)
 
 DISK = script("disk.lua")
 DEV_LOG = "/dev/log"
@@ -63,7 +72,8 @@ def test_log_syslog_in_the_foreground(start_server: StartServer,
     line = got[-1]
     # <priority>timestamp luanbd[pid]: error: pread: disk.lua:N: pread failed
     assert line.startswith(f"<{LOG_DAEMON | LOG_ERR}>"), line
-    assert f"luanbd[{server.proc.pid}]: error: pread: {DISK}:" in line
+    at = where(DISK, line_of(DISK, 'error("pread failed")'))
+    assert f"luanbd[{server.proc.pid}]: error: pread: {at}: pread failed" in line
     assert server.errors() == []  # nothing on stderr
 
 
