@@ -134,4 +134,30 @@ function control.serving(limit)
   end
 end
 
+-- Large pread results are "pinned": kept alive in `pinned` while Python sends them
+-- straight from Lua's memory (see LuaPlugin.pread: one 256 KiB copy less per read).
+-- Python learns where the string lives from %p and gives the slot back with unpin.
+local pinned, last_slot = {}, 0
+
+local function pin(count, ok, s, ...)
+  if ok == true and type(s) == "string" and #s == count then
+    last_slot = last_slot + 1
+    pinned[last_slot] = s
+    return last_slot, format("%p", s)
+  end
+  return false, ok, s, ...
+end
+
+function control.pread_pinned(count, f, ...)
+  return pin(count, call(f, ...))
+end
+
+function control.unpin(...)
+  for i = 1, select("#", ...) do pinned[(select(i, ...))] = nil end
+end
+
+function control.pin_probe(s)
+  return pin(#s, true, s)
+end
+
 return call, control

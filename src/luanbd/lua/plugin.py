@@ -36,6 +36,7 @@ from luanbd.backend.interface import (
     ThreadModel,
 )
 from luanbd.log import debug
+from luanbd.lua.pinning import PIN_MIN, Pinning
 
 #: ``--lua`` choices and the lupa module that provides each.
 LUA_MODULES = {
@@ -106,6 +107,7 @@ class LuaPlugin:
         # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.
         self._load_string = self.g.loadstring or self.g.load
         self._call = self._install_nbdkit_table()
+        self._pinning = Pinning.probe(self._control, self.lua_version)
         if gc is not None:
             self._set_gc_mode(gc)
         self._load_script()
@@ -483,10 +485,35 @@ class LuaPlugin:
         # Hot path: one Lua call through the wrapper, then the common answer (a string of
         # exactly count bytes) with no further checks.
         fn = self.fn["pread"]
+        if count >= PIN_MIN and self._pinning is not None:
+            return self._pread_pinned(fn, h, count, offset, flags)
         if self.api_version == 1:
             res = self._call(fn, h, count, offset)
         else:
             res = self._call(fn, h, count, offset, flags)
+        if res.__class__ is tuple and res[0] is True and len(res) > 1:
+            value = res[1]
+            if value.__class__ is bytes and len(value) == count:
+                return value
+        return self._pread_result(res, count)
+
+    def _pread_pinned(self, fn: Any, h: Handle, count: int, offset: int,
+                      flags: int) -> bytes | memoryview:
+        """A large pread whose string is sent from Lua's memory (luanbd.lua.pinning)."""
+        pinning = self._pinning
+        assert pinning is not None
+        if pinning.released:
+            pinning.unpin_released()
+        if self.api_version == 1:
+            res = pinning.pread_pinned(count, fn, h, count, offset)
+        else:
+            res = pinning.pread_pinned(count, fn, h, count, offset, flags)
+        if res[0] is not False:
+            return pinning.view(res[0], res[1], count)
+        # Anything but a string of exactly count bytes: what the call returned, as usual.
+        return self._pread_result(res[1] if len(res) == 2 else res[1:], count)
+
+    def _pread_result(self, res: Any, count: int) -> bytes | memoryview:
         if res.__class__ is tuple and res[0] is True and len(res) > 1:
             value = res[1]
             if value.__class__ is bytes and len(value) == count:
