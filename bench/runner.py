@@ -93,12 +93,23 @@ def luanbd_command(commit: str | None, tmp: str) -> tuple[list[str], str]:
             fail(f"--commit {commit}: not a commit of {REPO}")
         snap = Path(tmp) / f"luanbd-{sha[:12]}"
         snap.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "src"],
+        # setup.py builds the compiled request loop (src/luanbd/server/_fastpath.c).
+        extension = bool(git("ls-tree", "--name-only", sha, "setup.py"))
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "src",
+                                  *(["setup.py"] if extension else [])],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
         python = str(VENV_PY) if VENV_PY.exists() else sys.executable
-        return (["env", f"PYTHONPATH={snap / 'src'}", python, "-m", "luanbd"],
-                f"commit {sha} (`git archive` snapshot of src/, run with the venv's Python)")
+        what = f"commit {sha} (`git archive` snapshot of src/, run with the venv's Python"
+        if extension:
+            built = subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"],
+                                   cwd=snap, capture_output=True, text=True, check=False)
+            found = list((snap / "src").rglob("_fastpath*.so"))
+            if built.returncode != 0 or not found:
+                fail(f"--commit {commit}: could not build the compiled request loop:\n"
+                     f"{built.stderr[-2000:]}")
+            what += "; compiled request loop built in place"
+        return (["env", f"PYTHONPATH={snap / 'src'}", python, "-m", "luanbd"], what + ")")
     exe = VENV / "bin" / "luanbd"
     found = str(exe) if exe.exists() else shutil.which("luanbd")
     if not found:

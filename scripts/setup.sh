@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
-      qemu-utils fio python3-venv python3-pip openssl systemd iproute2)
+      qemu-utils fio python3-venv python3-pip python3-dev gcc openssl systemd iproute2)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -16,6 +16,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# gcc and python3-dev build the compiled request loop (luanbd/server/_fastpath.c).
 # Debian's python3 is the one that has the libnbd bindings (python3-libnbd);
 # --system-site-packages lets the venv import them.
 if [ ! -x .venv/bin/python ]; then

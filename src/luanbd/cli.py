@@ -458,6 +458,16 @@ def lua_versions() -> list[str]:
     return found
 
 
+def fastpath_state() -> str:
+    """yes: the compiled request loop serves plain READ/WRITE; no: not built (no C compiler
+    at install); off: LUANBD_FASTPATH=0."""
+    from luanbd.server import connection
+
+    if connection.FASTPATH is not None:
+        return "yes"
+    return "off" if connection.FASTPATH_BUILT else "no"
+
+
 def dump_config() -> str:
     """``key=value`` build facts, as ``nbdkit --dump-config``."""
     from luanbd.config import plugin_dir
@@ -467,6 +477,7 @@ def dump_config() -> str:
     lines = [
         f"binary={binary}",
         "exit_with_parent=yes",
+        f"fastpath={fastpath_state()}",
         f"lua_versions={','.join(lua_versions())}",
         f"plugindir={plugin_dir()}",
         "tls=yes",

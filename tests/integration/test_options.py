@@ -155,6 +155,11 @@ def test_dump_config() -> None:
         assert config[key], key
     assert config["tls"] == "yes"
     assert config["exit_with_parent"] == "yes"
+    # The compiled request loop is built wherever a C compiler was there at install
+    # (scripts/setup.sh installs gcc), and LUANBD_FASTPATH=0 turns it off.
+    assert config["fastpath"] == ("yes" if shutil.which("gcc") else "no")
+    off = run_luanbd("--dump-config", env=client_env(LUANBD_FASTPATH="0")).stdout
+    assert f"fastpath={'off' if shutil.which('gcc') else 'no'}" in off.splitlines()
     assert "5.4" in config["lua_versions"].split(",")
     assert config["version"].startswith(f"{config['version_major']}.{config['version_minor']}")
     v = run_luanbd("--version").stdout.split()[-1]

@@ -513,6 +513,22 @@ class LuaPlugin:
         # Anything but a string of exactly count bytes: what the call returned, as usual.
         return self._pread_result(res[1] if len(res) == 2 else res[1:], count)
 
+    def fastpath_calls(self) -> tuple[Any, Any, Any, bool]:
+        """What the compiled request loop (luanbd.server._fastpath) calls for a small READ
+        or WRITE: the call wrapper, pread, pwrite (None: not for that loop) and whether the
+        flags argument is passed (API version 2).  It does what pread/pwrite below do for
+        counts under PIN_MIN, and hands any result but success to fastpath_result."""
+        # --lua-memory-limit checks each payload first (pwrite): leave those to Python.
+        pwrite = self.fn.get("pwrite") if not self._memory_limit else None
+        return self._call, self.fn["pread"], pwrite, self.api_version != 1
+
+    def fastpath_result(self, is_read: bool, res: Any, count: int) -> bytes | memoryview | None:
+        """A result the compiled loop did not take as success: READ data, or PluginError."""
+        if is_read:
+            return self._pread_result(res, count)
+        self._unwrap("pwrite", res)
+        return None
+
     def _pread_result(self, res: Any, count: int) -> bytes | memoryview:
         if res.__class__ is tuple and res[0] is True and len(res) > 1:
             value = res[1]

@@ -201,6 +201,17 @@ class RequestParser:
             n -= taken
         self._end += n
 
+    def raw_state(self) -> tuple[bytearray, int, int] | None:
+        """(buffer, pos, end) for an outside request loop (luanbd.server._fastpath) that
+        parses classic headers itself, or None while a payload is in progress."""
+        if self._extended or self._payload is not None or self._discard:
+            return None
+        return self._buffer, self._pos, self._end
+
+    def set_raw_state(self, pos: int, end: int) -> None:
+        """What the outside loop left: unparsed bytes in [pos, end) of the same buffer."""
+        self._pos, self._end, self._need = pos, end, 0
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import queue
 import socket
 import ssl
@@ -17,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from luanbd import log
 from luanbd.backend import current
@@ -71,6 +72,14 @@ WRITER_QUEUE = 2
 #: READ replies of this many bytes are sent before more requests are executed.
 MAX_BATCH = 4 * 1024 * 1024
 
+
+try:
+    from luanbd.server import _fastpath
+except ImportError:  # installed without a C compiler: the Python loop serves everything
+    _fastpath = None  # type: ignore[assignment]
+FASTPATH_BUILT = _fastpath is not None
+#: LUANBD_FASTPATH=0 turns the compiled request loop off (to compare, or to rule it out).
+FASTPATH = _fastpath if os.environ.get("LUANBD_FASTPATH", "1") != "0" else None
 
 #: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
 _Result = bytes | memoryview | list[tuple[int, int]] | None
@@ -406,8 +415,17 @@ class Connection:
         writer = _Writer(self) if not self._tls else None
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
+        fast = self._fastpath_setup(session)
         try:
             while True:
+                if fast is not None and (state := parser.raw_state()) is not None:
+                    # The compiled loop serves plain small READs and WRITEs until a request
+                    # it leaves to the code below (which is the reference for both).
+                    send_lock = writer.lock if writer is not None and writer.started else None
+                    pos, end, eof = FASTPATH.serve(fast, *state, send_lock)  # type: ignore[union-attr]
+                    parser.set_raw_state(pos, end)
+                    if eof:
+                        raise ClientGone
                 while True:
                     request = parser.next_request()
                     if request is NEED_DATA:
@@ -446,6 +464,40 @@ class Connection:
         finally:
             if writer is not None:
                 writer.stop()
+
+    def _fastpath_setup(self, session: Session) -> tuple[Any, ...] | None:
+        """The compiled loop's view of this connection (luanbd.server._fastpath), or None
+        where the Python loop must do everything: TLS (an SSL object), extended headers,
+        -v (request timing), a plugin that is not a Lua script."""
+        ctx = self.ctx
+        calls = getattr(ctx.plugin, "fastpath_calls", None) if ctx is not None else None
+        if (FASTPATH is None or calls is None or ctx is None or self._tls or log.verbose
+                or session.extended_headers):
+            return None
+        call, pread, pwrite, api2 = calls()
+        lock = ctx.lock
+        acquire = getattr(lock, "acquire", None)
+        release = getattr(lock, "release", None)
+        plugin = ctx.plugin
+
+        def slow(cmd: int, cookie: int, offset: int, count: int, res: Any) -> Buffers:
+            # A result other than success, handled exactly as _handle would.
+            is_read = cmd == Cmd.READ
+            req = Request(_READ if is_read else _WRITE, 0, cookie, offset, count, None)
+            try:
+                data = plugin.fastpath_result(is_read, res, count)  # type: ignore[attr-defined]
+            except PluginError as err:
+                log.error(str(err))
+                return self._error_reply(req, session, self._failed(req, err.errno)[1])
+            if not is_read:
+                return simple_reply(cookie)
+            if session.structured_replies:
+                return read_chunk_reply(cookie, offset, data)
+            return simple_reply(cookie, data=data)
+
+        return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
+                pwrite if self._writable else None, ctx.handle, api2, acquire, release, self,
+                self.service, slow)
 
     def _send_batch(self, out: Buffers, size: int, writer: _Writer | None) -> None:
         """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes
