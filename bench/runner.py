@@ -102,12 +102,14 @@ def luanbd_command(commit: str | None, tmp: str) -> tuple[list[str], str]:
         python = str(VENV_PY) if VENV_PY.exists() else sys.executable
         what = f"commit {sha} (`git archive` snapshot of src/, run with the venv's Python"
         if extension:
-            built = subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"],
-                                   cwd=snap, capture_output=True, text=True, check=False)
-            found = list((snap / "src").rglob("_fastpath*.so"))
+            built = subprocess.run([python, "setup.py", "-q", "build_ext", "--build-lib",
+                                    "build/lib"], cwd=snap, capture_output=True, text=True,
+                                   check=False)
+            found = list((snap / "build" / "lib").rglob("_fastpath*.so"))
             if built.returncode != 0 or not found:
                 fail(f"--commit {commit}: could not build the compiled request loop:\n"
                      f"{built.stderr[-2000:]}")
+            shutil.copy(found[0], snap / "src" / "luanbd" / "server")
             what += "; compiled request loop built in place"
         return (["env", f"PYTHONPATH={snap / 'src'}", python, "-m", "luanbd"], what + ")")
     exe = VENV / "bin" / "luanbd"
