@@ -172,8 +172,12 @@ def parse_write_reply(b: Bench, data: list[bytes]) -> Callable[[int], object]:
 
 def make_connection(b: Bench) -> Any:
     """A Connection whose export is open on ``b.ctx``, with a stand-in Service; no socket."""
+    from luanbd.server import connection
     from luanbd.server.connection import Connection
 
+    # These rows time the Python loop (the reference, and the path of every request the
+    # compiled loop hands back); the compiled loop needs a real socket: run-bench times it.
+    connection.FASTPATH = None
     service = types.SimpleNamespace(plugin=b.plugin, shared_lock=b.lock,
                                     stopping=False)
     conn = Connection(service, None, 1, "")  # type: ignore[arg-type]
