@@ -470,9 +470,11 @@ class Connection:
         where the Python loop must do everything: TLS (an SSL object), extended headers,
         -v (request timing), a plugin that is not a Lua script."""
         ctx = self.ctx
-        calls = getattr(ctx.plugin, "fastpath_calls", None) if ctx is not None else None
-        if (FASTPATH is None or calls is None or ctx is None or self._tls or log.verbose
+        if (FASTPATH is None or ctx is None or self._tls or log.verbose
                 or session.extended_headers):
+            return None
+        calls = getattr(ctx.plugin, "fastpath_calls", None)
+        if calls is None:
             return None
         call, pread, pwrite, api2 = calls()
         lock = ctx.lock
@@ -491,9 +493,8 @@ class Connection:
                 return self._error_reply(req, session, self._failed(req, err.errno)[1])
             if not is_read:
                 return simple_reply(cookie)
-            if session.structured_replies:
-                return read_chunk_reply(cookie, offset, data)
-            return simple_reply(cookie, data=data)
+            assert data is not None
+            return self._read_reply(cookie, offset, data, session)
 
         return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
                 pwrite if self._writable else None, ctx.handle, api2, acquire, release, self,
@@ -593,10 +594,8 @@ class Connection:
             assert ctx is not None
             try:
                 if cmd is _READ:
-                    data = ctx.pread(req.length, req.offset)
-                    if session.structured_replies:
-                        return read_chunk_reply(req.cookie, req.offset, data)
-                    return simple_reply(req.cookie, data=data)
+                    return self._read_reply(req.cookie, req.offset,
+                                            ctx.pread(req.length, req.offset), session)
                 if cmd is _WRITE and req.data is not None and self._writable:
                     ctx.pwrite(req.data, req.offset, False)
                     return simple_reply(req.cookie)
@@ -608,9 +607,7 @@ class Connection:
             return self._error_reply(req, session, code)
         if req.cmd is Cmd.READ:
             assert isinstance(result, bytes | memoryview)
-            if session.structured_replies:
-                return read_chunk_reply(req.cookie, req.offset, result)
-            return simple_reply(req.cookie, data=result)
+            return self._read_reply(req.cookie, req.offset, result, session)
         if req.cmd is Cmd.BLOCK_STATUS:
             assert isinstance(result, list) and session.base_allocation_id is not None
             return block_status_reply(req.cookie, session.base_allocation_id, result)
@@ -630,6 +627,14 @@ class Connection:
             assert isinstance(result, list) and session.base_allocation_id is not None
             return ext_block_status_reply(cookie, offset, session.base_allocation_id, result)
         return [ext_reply(cookie, offset)]
+
+    @staticmethod
+    def _read_reply(cookie: int, offset: int, data: bytes | memoryview,
+                    session: Session) -> Buffers:
+        """A successful READ: one OFFSET_DATA chunk, or a simple reply and the data."""
+        if session.structured_replies:
+            return read_chunk_reply(cookie, offset, data)
+        return simple_reply(cookie, data=data)
 
     @staticmethod
     def _error_reply(req: Request, session: Session, code: int) -> Buffers:
