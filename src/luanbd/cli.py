@@ -468,6 +468,14 @@ def fastpath_state() -> str:
     return "off" if connection.FASTPATH_BUILT else "no"
 
 
+def lualib_state() -> str:
+    """yes: Lua 5.4 states get the compiled table.concat; no: not built; off:
+    LUANBD_LUALIB=0."""
+    from luanbd.lua import lualib
+
+    return lualib.state()
+
+
 def dump_config() -> str:
     """``key=value`` build facts, as ``nbdkit --dump-config``."""
     from luanbd.config import plugin_dir
@@ -479,6 +487,7 @@ def dump_config() -> str:
         "exit_with_parent=yes",
         f"fastpath={fastpath_state()}",
         f"lua_versions={','.join(lua_versions())}",
+        f"lualib={lualib_state()}",
         f"plugindir={plugin_dir()}",
         "tls=yes",
         "tls_psk=no",

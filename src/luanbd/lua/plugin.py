@@ -36,6 +36,7 @@ from luanbd.backend.interface import (
     ThreadModel,
 )
 from luanbd.log import debug
+from luanbd.lua import lualib
 from luanbd.lua.pinning import PIN_MIN, Pinning
 
 #: ``--lua`` choices and the lupa module that provides each.
@@ -102,6 +103,8 @@ class LuaPlugin:
         # Python objects: scripts see plain Lua plus the `nbdkit` table.
         self.g[b"python"] = None
         self.g.package.loaded[b"python"] = None
+        # Before the script: its `local concat = table.concat` must get the faster one.
+        self.lualib = lualib.install(self.g, module)
         # Lua's own `load` is a global too: only a script's redefinition is the callback.
         self._builtin_load = self.g.load
         # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.

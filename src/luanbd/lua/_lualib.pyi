@@ -1,0 +1,3 @@
+"""Types of the compiled Lua library functions (_lualib.c)."""
+
+def bind(path: str) -> bool: ...

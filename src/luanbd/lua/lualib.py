@@ -1,0 +1,45 @@
+"""Compiled versions of Lua standard library functions for the Lua 5.4 state.
+
+``luanbd.lua._lualib`` (built by setup.py when a C compiler is there) holds a
+``table.concat`` that gives the same results and errors as Lua 5.4's, with one copy of the
+result less for the common case of a table of strings (see _lualib.c for why it matters).
+It is installed before the script loads, so a script's ``local concat = table.concat``
+gets it.  ``LUANBD_LUALIB=0`` keeps Lua's own functions (to compare, or to rule it out);
+other Lua versions always keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+try:
+    from luanbd.lua import _lualib
+except ImportError:  # built without a C compiler
+    _lualib = None  # type: ignore[assignment]
+
+#: The extension was built at install.
+BUILT = _lualib is not None
+#: LUANBD_LUALIB=0 turns the compiled functions off.
+ENABLED = BUILT and os.environ.get("LUANBD_LUALIB", "1") != "0"
+
+
+def install(lua_globals: Any, lupa_module: ModuleType) -> bool:
+    """Replace ``table.concat`` in this Lua state; False when it keeps Lua's own."""
+    if not ENABLED or lupa_module.__name__ != "lupa.lua54":
+        return False
+    if not _lualib.bind(lupa_module.__file__ or ""):
+        return False
+    concat = lua_globals.package.loadlib(_lualib.__file__.encode(), b"luanbd_table_concat")
+    if isinstance(concat, tuple):  # (nil, message, where): loading failed
+        return False
+    lua_globals.table.concat = concat
+    return True
+
+
+def state() -> str:
+    """For --dump-config: yes (installed in Lua 5.4 states), no (not built), off."""
+    if ENABLED:
+        return "yes"
+    return "off" if BUILT else "no"
