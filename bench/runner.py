@@ -93,7 +93,8 @@ def luanbd_command(commit: str | None, tmp: str) -> tuple[list[str], str]:
             fail(f"--commit {commit}: not a commit of {REPO}")
         snap = Path(tmp) / f"luanbd-{sha[:12]}"
         snap.mkdir()
-        # setup.py builds the compiled request loop (src/luanbd/server/_fastpath.c).
+        # setup.py builds the compiled request loop (src/luanbd/server/_fastpath.c) and,
+        # from 47c8bed on, the compiled table.concat (src/luanbd/lua/_lualib.c).
         extension = bool(git("ls-tree", "--name-only", sha, "setup.py"))
         archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "src",
                                   *(["setup.py"] if extension else [])],
@@ -105,12 +106,15 @@ def luanbd_command(commit: str | None, tmp: str) -> tuple[list[str], str]:
             built = subprocess.run([python, "setup.py", "-q", "build_ext", "--build-lib",
                                     "build/lib"], cwd=snap, capture_output=True, text=True,
                                    check=False)
-            found = list((snap / "build" / "lib").rglob("_fastpath*.so"))
-            if built.returncode != 0 or not found:
+            lib = snap / "build" / "lib"
+            found = list(lib.rglob("*.so"))
+            if built.returncode != 0 or not any("_fastpath" in f.name for f in found):
                 fail(f"--commit {commit}: could not build the compiled request loop:\n"
                      f"{built.stderr[-2000:]}")
-            shutil.copy(found[0], snap / "src" / "luanbd" / "server")
-            what += "; compiled request loop built in place"
+            for so in found:
+                shutil.copy(so, snap / "src" / so.parent.relative_to(lib))
+            what += "; C extensions built in place: " + ", ".join(sorted(f.name.split(".")[0]
+                                                                        for f in found))
         return (["env", f"PYTHONPATH={snap / 'src'}", python, "-m", "luanbd"], what + ")")
     exe = VENV / "bin" / "luanbd"
     found = str(exe) if exe.exists() else shutil.which("luanbd")
