@@ -107,14 +107,14 @@ def luanbd_command(commit: str | None, tmp: str) -> tuple[list[str], str]:
                                     "build/lib"], cwd=snap, capture_output=True, text=True,
                                    check=False)
             lib = snap / "build" / "lib"
-            found = list(lib.rglob("*.so"))
-            if built.returncode != 0 or not any("_fastpath" in f.name for f in found):
+            built_so = list(lib.rglob("*.so"))
+            if built.returncode != 0 or not any("_fastpath" in f.name for f in built_so):
                 fail(f"--commit {commit}: could not build the compiled request loop:\n"
                      f"{built.stderr[-2000:]}")
-            for so in found:
+            for so in built_so:
                 shutil.copy(so, snap / "src" / so.parent.relative_to(lib))
             what += "; C extensions built in place: " + ", ".join(sorted(f.name.split(".")[0]
-                                                                        for f in found))
+                                                                        for f in built_so))
         return (["env", f"PYTHONPATH={snap / 'src'}", python, "-m", "luanbd"], what + ")")
     exe = VENV / "bin" / "luanbd"
     found = str(exe) if exe.exists() else shutil.which("luanbd")
