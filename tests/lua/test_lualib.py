@@ -130,6 +130,17 @@ def test_install_replaces_the_stock_function(pair: Pair) -> None:
     assert pair.ours.execute("return rawequal(package.loaded.table.concat, table.concat)")
 
 
+def test_the_buffer_probe_fits_luas_buffer() -> None:
+    # install() asks Lua, through luanbd_lualib_probe, how big a luaL_Buffer's initial buffer
+    # is on this build before trusting _lualib.c's copy of the struct: Lua's default is 1 KiB.
+    runtime = new_runtime()
+    probe = runtime.globals().package.loadlib(lualib._lualib.__file__.encode(),
+                                              b"luanbd_lualib_probe")
+    lua_size, our_size = probe()
+    assert lua_size == 16 * 8 * 8  # LUAL_BUFFERSIZE: 16 * sizeof(void *) * sizeof(double)
+    assert lua_size <= our_size
+
+
 # --- plain tables of strings (the fast path) ----------------------------------------------
 @cases(
     ("empty", "return table.concat({})", b""),

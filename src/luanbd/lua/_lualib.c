@@ -66,6 +66,7 @@ static struct {
     int (*isstring)(lua_State *, int);
     void (*settop)(lua_State *, int);
     void (*pushstring)(lua_State *, const char *);
+    void (*pushinteger)(lua_State *, lua_Integer);
     lua_Integer (*len)(lua_State *, int);
     const char *(*optlstring)(lua_State *, int, const char *, size_t *);
     lua_Integer (*optinteger)(lua_State *, int, lua_Integer);
@@ -181,6 +182,19 @@ __attribute__((visibility("default"))) int luanbd_table_concat(lua_State *L)
     return 1;
 }
 
+/* What install() calls once through Lua before trusting this file's luaL_Buffer: the size
+ * of the initial buffer luaL_buffinit sets up (it writes nothing into it), which must fit
+ * in ours.  Lua's default is 1 KiB; a build configured with more than 8 KiB is refused. */
+__attribute__((visibility("default"))) int luanbd_lualib_probe(lua_State *L)
+{
+    luaL_Buffer b;
+    api.buffinit(L, &b);
+    pop(L, 1);  /* the placeholder buffinit pushed */
+    api.pushinteger(L, (lua_Integer)b.size);
+    api.pushinteger(L, (lua_Integer)sizeof b.init);
+    return 2;
+}
+
 static PyObject *bind(PyObject *self, PyObject *arg)
 {
     const char *path = PyUnicode_AsUTF8(arg);
@@ -211,6 +225,7 @@ static PyObject *bind(PyObject *self, PyObject *arg)
     FIND(isstring, "lua_isstring");
     FIND(settop, "lua_settop");
     FIND(pushstring, "lua_pushstring");
+    FIND(pushinteger, "lua_pushinteger");
     FIND(len, "luaL_len");
     FIND(optlstring, "luaL_optlstring");
     FIND(optinteger, "luaL_optinteger");

@@ -31,8 +31,14 @@ def install(lua_globals: Any, lupa_module: ModuleType) -> bool:
         return False
     if not _lualib.bind(lupa_module.__file__ or ""):
         return False
-    concat = lua_globals.package.loadlib(_lualib.__file__.encode(), b"luanbd_table_concat")
-    if isinstance(concat, tuple):  # (nil, message, where): loading failed
+    path = _lualib.__file__.encode()
+    probe = lua_globals.package.loadlib(path, b"luanbd_lualib_probe")
+    concat = lua_globals.package.loadlib(path, b"luanbd_table_concat")
+    if isinstance(probe, tuple) or isinstance(concat, tuple):  # (nil, message, where)
+        return False
+    # A Lua built with a bigger luaL_Buffer than _lualib.c's would overrun it.
+    lua_size, our_size = probe()
+    if lua_size > our_size:
         return False
     lua_globals.table.concat = concat
     return True
