@@ -167,6 +167,13 @@ class RequestParser:
             self.commit(n)
             view = view[n:]
 
+    @property
+    def receiving_payload(self) -> bool:
+        """The view :meth:`get_buffer` gives is the rest of a big WRITE payload: nothing else
+        can arrive before it is full (the socket layer may wait for all of it at once)."""
+        payload = self._payload
+        return payload is not None and self._payload_filled < len(payload)
+
     def get_buffer(self) -> memoryview:
         """Free space at the end of the buffer to receive into; release it before commit."""
         payload = self._payload

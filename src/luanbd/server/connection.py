@@ -409,6 +409,7 @@ class Connection:
         if log.verbose:
             handle = self._timed(handle)
         recv_into = self.sock.recv_into
+        wait_all = 0 if self._tls else socket.MSG_WAITALL
         # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
         # used by two threads at once), so that the kernel's copy of one batch overlaps the
         # Lua work of the next.  Small ones are sent here: a thread hand-off costs more.
@@ -455,9 +456,12 @@ class Connection:
                         writer.finish()
                     return
                 # Receive straight into the parser's buffer: a WRITE payload is then copied
-                # only once more, into the bytes object the plugin gets.
+                # only once more, into the bytes object the plugin gets.  The rest of a big
+                # payload is waited for whole (MSG_WAITALL: one trip through this loop, not
+                # one per ~200 KiB the socket hands over; not on TLS, which takes no flags).
+                flags = wait_all if parser.receiving_payload else 0
                 with parser.get_buffer() as view:
-                    n = recv_into(view)
+                    n = recv_into(view, 0, flags)
                 if n == 0:
                     raise ClientGone
                 parser.commit(n)
