@@ -468,17 +468,10 @@ def fastpath_state() -> str:
     return "off" if connection.FASTPATH_BUILT else "no"
 
 
-def lualib_state() -> str:
-    """yes: Lua 5.4 states get the compiled table.concat; no: not built; off:
-    LUANBD_LUALIB=0."""
-    from luanbd.lua import lualib
-
-    return lualib.state()
-
-
 def dump_config() -> str:
     """``key=value`` build facts, as ``nbdkit --dump-config``."""
     from luanbd.config import plugin_dir
+    from luanbd.lua import lualib
 
     major, minor = __version__.split(".")[:2]
     binary = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "luanbd"
@@ -487,7 +480,7 @@ def dump_config() -> str:
         "exit_with_parent=yes",
         f"fastpath={fastpath_state()}",
         f"lua_versions={','.join(lua_versions())}",
-        f"lualib={lualib_state()}",
+        f"lualib={lualib.state()}",
         f"plugindir={plugin_dir()}",
         "tls=yes",
         "tls_psk=no",

@@ -176,8 +176,7 @@ class RequestParser:
 
     def get_buffer(self) -> memoryview:
         """Free space at the end of the buffer to receive into; release it before commit."""
-        payload = self._payload
-        if payload is not None and self._payload_filled < len(payload):
+        if self.receiving_payload:
             return self._payload_view[self._payload_filled:]
         buf = self._buffer
         want = max(self._chunk, self._need)
@@ -195,8 +194,7 @@ class RequestParser:
 
     def commit(self, n: int) -> None:
         """``n`` bytes were written at the start of the last :meth:`get_buffer` view."""
-        payload = self._payload
-        if payload is not None and self._payload_filled < len(payload):
+        if self.receiving_payload:
             self._payload_filled += n
             return
         if self._discard:
