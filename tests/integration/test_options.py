@@ -160,6 +160,9 @@ def test_dump_config() -> None:
     assert config["fastpath"] == ("yes" if shutil.which("gcc") else "no")
     off = run_luanbd("--dump-config", env=client_env(LUANBD_FASTPATH="0")).stdout
     assert f"fastpath={'off' if shutil.which('gcc') else 'no'}" in off.splitlines()
+    # The same compiler builds the compiled table.concat: without this check a failed build
+    # would only show as tests/lua/test_lualib.py skipping.
+    assert config["lualib"] == ("yes" if shutil.which("gcc") else "no")
     assert "5.4" in config["lua_versions"].split(",")
     assert config["version"].startswith(f"{config['version_major']}.{config['version_minor']}")
     v = run_luanbd("--version").stdout.split()[-1]
