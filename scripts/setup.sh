@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
-      qemu-utils fio python3-venv python3-pip python3-dev gcc openssl systemd iproute2)
+      qemu-utils fio python3-venv python3-pip python3-dev gcc make openssl systemd iproute2
+      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -21,5 +22,13 @@ fi
 # --system-site-packages lets the venv import them.
 if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+# lupa built from source with each Lua configured for Linux as Debian's (io.popen, os.execute's
+# exit codes, Debian's module paths): scripts/build_lupa.py says why.  The wheel is kept in
+# .cache/ so that a new .venv does not build it again.
+lupa_wheel=$(.venv/bin/python scripts/build_lupa.py .cache/lupa)
+if ! .venv/bin/python -c 'import lupa, sys; sys.exit(lupa.__version__ != sys.argv[1])' \
+        "$(basename "$lupa_wheel" | cut -d- -f2)" 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps "$lupa_wheel"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

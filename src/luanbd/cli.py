@@ -21,6 +21,7 @@ from luanbd.backend.interface import StartupError
 from luanbd.config import (
     DEFAULT_CONNECTION_LIMIT,
     DEFAULT_HANDSHAKE_TIMEOUT,
+    OptionError,
     ServerConfig,
     UsageError,
 )
@@ -31,7 +32,7 @@ from luanbd.protocol.handshake import TlsMode
 #: nbdkit's is_config_key: a letter, then letters, digits, '.', '-' or '_'.
 _CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
-USAGE = """\
+SYNOPSIS = """\
 luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--exit-with-parent] [-f|--foreground] [-i|--ipaddr IPADDR]
        [--log=stderr|syslog|null] [--lua=5.4|5.1|5.2|5.3|5.5|luajit]
@@ -51,7 +52,10 @@ luanbd [lua] SCRIPT.lua --dump-plugin
 luanbd [lua] [SCRIPT.lua] --help
 luanbd [-V|--version]
 luanbd --dump-config
+"""
 
+#: What follows the synopsis in --help.
+OPTIONS_HELP = """\
 Basic options:
   -f, --foreground, --no-fork      do not go to the background
   -r, --readonly, --read-only      read-only export
@@ -109,6 +113,9 @@ Information options:
 See docs/luanbd.md for the full reference.
 """
 
+#: After the synopsis when an option is wrong, as nbdkit's short usage ends.
+SHORT_USAGE_END = "Please read the luanbd(1) manual page (docs/luanbd.md) for full usage."
+
 SCRIPT_HELP = """\
 script=<FILENAME>     (required) The Lua script to run.
 [other arguments may be used by the plugin that you load]"""
@@ -119,11 +126,11 @@ class _Parser(argparse.ArgumentParser):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             message = f"unrecognized option '{message[len(prefix):].split(maxsplit=1)[0]}'"
-        raise UsageError(message)
+        raise OptionError(message)
 
 
 def _parser() -> _Parser:
-    p = _Parser(prog="luanbd", usage=USAGE, add_help=False, allow_abbrev=True)
+    p = _Parser(prog="luanbd", usage=SYNOPSIS, add_help=False, allow_abbrev=True)
     a = p.add_argument
     a("-4", "--ipv4-only", dest="ip_family", action="store_const", const=4, default=0)
     a("-6", "--ipv6-only", dest="ip_family", action="store_const", const=6)
@@ -424,20 +431,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cmd = parse_args(argv)
+    except OptionError as err:
+        log.usage_error(str(err))
+        print(f"{SYNOPSIS}\n{SHORT_USAGE_END}", flush=True)
+        return 1
     except UsageError as err:
-        print(f"luanbd: {err}", file=sys.stderr)
+        log.usage_error(str(err))
         return 1
     except StartupError as err:
         log.error(str(err))
         return 1
     if cmd.version:
-        print(f"luanbd {__version__}")
+        print(f"luanbd {__version__}", flush=True)
         return 0
     if cmd.dump_config:
         print(dump_config(), flush=True)
         return 0
     if cmd.help:
-        return lifecycle.print_help(cmd.script, USAGE, SCRIPT_HELP)
+        return lifecycle.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}", SCRIPT_HELP)
     assert cmd.config is not None
     return lifecycle.run(cmd.config, dump_plugin=cmd.dump_plugin)
 
@@ -446,7 +457,7 @@ def lua_versions() -> list[str]:
     """The --lua choices whose lupa runtime is installed."""
     import importlib.util
 
-    from luanbd.lua.plugin import LUA_MODULES
+    from luanbd.lua.runtime import LUA_MODULES
 
     found = []
     for name, module in LUA_MODULES.items():
@@ -456,6 +467,17 @@ def lua_versions() -> list[str]:
         except (ImportError, ValueError):
             pass
     return found
+
+
+def incomplete_runtimes() -> list[str]:
+    """The installed --lua choices whose standard library lacks the POSIX parts (lupa's own
+    wheels; scripts/setup.sh builds complete ones)."""
+    import importlib
+
+    from luanbd.lua import runtime
+
+    return [name for name in lua_versions()
+            if not runtime.stdlib_complete(importlib.import_module(runtime.LUA_MODULES[name]))]
 
 
 def fastpath_state() -> str:
@@ -479,6 +501,7 @@ def dump_config() -> str:
         f"binary={binary}",
         "exit_with_parent=yes",
         f"fastpath={fastpath_state()}",
+        f"lua_incomplete={','.join(incomplete_runtimes())}",
         f"lua_versions={','.join(lua_versions())}",
         f"lualib={lualib.state()}",
         f"plugindir={plugin_dir()}",

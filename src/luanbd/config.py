@@ -38,6 +38,11 @@ class UsageError(Exception):
     """A command-line mistake: ``luanbd: <message>`` (no ``error:``, as nbdkit), exit 1."""
 
 
+class OptionError(UsageError):
+    """An option the parser cannot take (unknown, or missing its argument): as nbdkit,
+    the message is followed by the short usage on standard output."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     script: str

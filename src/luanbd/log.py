@@ -45,12 +45,17 @@ def _emit(level: str, message: str) -> None:
         syslog.syslog(syslog.LOG_ERR if level == "error" else syslog.LOG_DEBUG,
                       f"{level}: {text}")
         return
-    line = f"{PROGRAM}: {level}: {text}\n"
+    _write_stderr(f"{PROGRAM}: {level}: {text}\n")
+
+
+def _write_stderr(line: str) -> None:
+    # A log that cannot be written (stderr closed, on a full disk, a vanished pipe) must not
+    # stop the server: the line is lost, nothing else.
     with _lock:
         try:
             sys.stderr.write(line)
             sys.stderr.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
 
 
@@ -68,6 +73,11 @@ class Throttle:
             return False
         self._last = now
         return True
+
+
+def usage_error(message: str) -> None:
+    """A command-line mistake, in nbdkit's shape: ``luanbd: message`` (no ``error:``)."""
+    _write_stderr(f"{PROGRAM}: {message}\n")
 
 
 def error(message: str) -> None:

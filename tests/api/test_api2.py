@@ -773,8 +773,9 @@ def test_dump_plugin(servers: Servers, tmp_path: Path, model: str, has_fn: bool)
     lines = r.stdout.splitlines()
     want_model = {"nil": "serialize_all_requests", '"parallel"': "parallel"}.get(
         model, "serialize_requests")
-    assert lines[:6] == [f"path={script}", "name=dumpy", "version=4.5.6", "api_version=2",
-                         f"thread_model={want_model}", "lua_version=Lua 5.4"]
+    assert lines[:7] == [f"path={script}", "name=dumpy", "version=4.5.6", "api_version=2",
+                         f"thread_model={want_model}", lines[5], "lua_runtime=Lua 5.4"]
+    assert lines[5].startswith("lua_version=5.4.")
     has = [line for line in lines if line.startswith("has_")]
     want = ["has_dump_plugin=1", *(["has_thread_model=1"] if has_fn else []), "has_open=1",
             "has_get_size=1", "has_can_fua=1", "has_pread=1", "has_extents=1"]
@@ -807,8 +808,8 @@ def test_lua_runtime_choice(servers: Servers, tmp_path: Path, lua: str, want: st
     script = write_script(tmp_path, "rt.lua", "API_VERSION = 2\n" + MINIMAL)
     r = servers.run([LUANBD, f"--lua={lua}", str(script), "--dump-plugin"])
     assert r.returncode == 0, r.stderr
-    (line,) = [x for x in r.stdout.splitlines() if x.startswith("lua_version=")]
-    assert line.startswith(f"lua_version={want}")
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("lua_runtime=")]
+    assert line.startswith(f"lua_runtime={want}")
     # ... and it serves.
     h = servers.connect(script, options=(f"--lua={lua}",))
     assert h.get_size() == 512

@@ -65,7 +65,7 @@ def test_wheel_contains_lua_runtime_and_py_typed(wheel: Path) -> None:
     entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert entry_points, sorted(names)
     text = zipfile.ZipFile(wheel).read(entry_points[0]).decode()
-    assert "luanbd = luanbd.cli:main" in text, text
+    assert "luanbd = luanbd.__main__:main" in text, text
 
 
 def test_installed_wheel_serves_a_disk(venv: Path) -> None:

@@ -13,7 +13,6 @@ with it, every nbdkit-plugin(3) callback and the ``flags`` argument.
 from __future__ import annotations
 
 import errno
-import importlib
 import math
 import os
 import sys
@@ -36,18 +35,9 @@ from luanbd.backend.interface import (
     ThreadModel,
 )
 from luanbd.log import debug
-from luanbd.lua import lualib
+from luanbd.lua import lualib, runtime
 from luanbd.lua.pinning import PIN_MIN, Pinning
-
-#: ``--lua`` choices and the lupa module that provides each.
-LUA_MODULES = {
-    "5.4": "lupa.lua54",
-    "5.1": "lupa.lua51",
-    "5.2": "lupa.lua52",
-    "5.3": "lupa.lua53",
-    "5.5": "lupa.lua55",
-    "luajit": "lupa.luajit21",
-}
+from luanbd.lua.runtime import LUA_MODULES
 
 #: Every callback name a script may define (for --dump-plugin ``has_*`` lines).
 CALLBACKS = (
@@ -84,7 +74,7 @@ class LuaPlugin:
         self.script = script
         self.lua_name = lua
         try:
-            module = importlib.import_module(LUA_MODULES[lua])
+            module = runtime.import_module(lua)
         except (KeyError, ImportError):
             raise StartupError(f"--lua={lua}: this Lua runtime is not available "
                                f"(choose from {', '.join(LUA_MODULES)})") from None
@@ -354,7 +344,13 @@ class LuaPlugin:
             raise StartupError(f"thread_model: unknown thread model '{_text(value)}'") from None
 
     @property
+    def lua_release(self) -> str:
+        """The release number, as nbdkit's ``lua_version=`` ("5.4.8")."""
+        return runtime.release(self._lupa)
+
+    @property
     def lua_version(self) -> str:
+        """The runtime's own name: ``_VERSION`` ("Lua 5.4"), or LuaJIT's "LuaJIT 2.1..."."""
         jit = self.g.jit
         if jit is not None:
             return _text(jit.version)

@@ -62,7 +62,8 @@ def print_plugin_facts(plugin: LuaPlugin) -> None:
         f"version={plugin.string_global('version') or __version__}",
         f"api_version={plugin.api_version}",
         f"thread_model={plugin.thread_model}",
-        f"lua_version={plugin.lua_version}",
+        f"lua_version={plugin.lua_release}",
+        f"lua_runtime={plugin.lua_version}",
     ]
     lines += [f"has_{name}=1" for name in CALLBACKS if plugin.has(name)]
     print("\n".join(lines), flush=True)
@@ -137,7 +138,7 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
         plugin.config_complete()
         plugin.get_ready()
     except UsageError as err:
-        print(f"{log.PROGRAM}: {err}", file=sys.stderr)
+        log.usage_error(str(err))
         return 1
     except StartupError as err:
         log.error(str(err))
