@@ -97,7 +97,7 @@ def build(wheel_dir: Path) -> Path:
         if hashlib.sha256(sdist.read_bytes()).hexdigest() != SDIST_SHA256:
             sys.exit(f"build_lupa: {SDIST_URL} does not have the expected sha256")
         with tarfile.open(sdist) as tar:
-            tar.extractall(work)  # noqa: S202 (a pinned, hash-checked release)
+            tar.extractall(work)
         root = work / f"lupa-{LUPA_VERSION}"
         arch = multiarch()
         third = root / "third-party"

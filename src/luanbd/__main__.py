@@ -6,6 +6,7 @@
 - Standard input and output must be open, as nbdkit insists: a socket or file opened later
   would otherwise land on fd 0 or 1 and receive whatever is printed.  A closed stderr is
   replaced by /dev/null for the same reason.
+- The process runs in the "C" locale, as nbdkit and the lua interpreter do.
 - Output into a closed pipe (``luanbd --help | head -1``) ends quietly with status 0, as
   nbdkit's does; output that cannot be written (``>/dev/full``) is one error line, status 1.
 """
@@ -15,6 +16,7 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import errno  # noqa: E402  (after the signal: a Ctrl-C from here on is silent)
+import locale  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -49,6 +51,11 @@ def main() -> int:
 
         log.error(f"expecting stdin/stdout to be opened: {os.strerror(errno.EBADF)}")
         return 1
+
+    # Python adopts the environment's LC_CTYPE at start-up; a C program such as nbdkit or
+    # the lua interpreter runs in the "C" locale, which is what Lua scripts see there
+    # (os.setlocale(), character classes in patterns, number formatting).
+    locale.setlocale(locale.LC_ALL, "C")
 
     from luanbd import log
     from luanbd.cli import main as cli_main

@@ -11,8 +11,8 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import json
-import re
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -636,7 +636,7 @@ def test_usage_error_is_one_line_and_exit_1(args: list[str], expected: str) -> N
     result = run_luanbd(*args)
     assert result.returncode == 1, result
     assert result.stderr.splitlines() == [expected]
-    if "option" in expected and "together" not in expected or "argument" in expected:
+    if ("option" in expected and "together" not in expected) or "argument" in expected:
         # An option the parser cannot take: then the short usage, as nbdkit (issue 11).
         from luanbd.cli import SHORT_USAGE_END, SYNOPSIS
 
