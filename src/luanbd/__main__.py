@@ -40,6 +40,8 @@ def _silence_stdout() -> None:
 
 
 def main() -> int:
+    from luanbd import log
+
     if _closed(2):
         null = os.open(os.devnull, os.O_WRONLY)
         if null != 2:
@@ -47,8 +49,6 @@ def main() -> int:
             os.close(null)
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (lives as long as we do)
     if _closed(0) or _closed(1):
-        from luanbd import log
-
         log.error(f"expecting stdin/stdout to be opened: {os.strerror(errno.EBADF)}")
         return 1
 
@@ -57,7 +57,6 @@ def main() -> int:
     # (os.setlocale(), character classes in patterns, number formatting).
     locale.setlocale(locale.LC_ALL, "C")
 
-    from luanbd import log
     from luanbd.cli import main as cli_main
 
     try:

@@ -472,12 +472,10 @@ def lua_versions() -> list[str]:
 def incomplete_runtimes() -> list[str]:
     """The installed --lua choices whose standard library lacks the POSIX parts (lupa's own
     wheels; scripts/setup.sh builds complete ones)."""
-    import importlib
-
     from luanbd.lua import runtime
 
     return [name for name in lua_versions()
-            if not runtime.stdlib_complete(importlib.import_module(runtime.LUA_MODULES[name]))]
+            if not runtime.stdlib_complete(runtime.import_module(name))]
 
 
 def fastpath_state() -> str:

@@ -33,7 +33,7 @@ def import_module(lua: str) -> ModuleType:
     process (only tests do that) is loaded privately, so the two cannot be confused.
     """
     name = LUA_MODULES[lua]
-    if name in sys.modules or any(m in sys.modules for m in LUA_MODULES.values()):
+    if any(m in sys.modules for m in LUA_MODULES.values()):
         return importlib.import_module(name)
     flags = sys.getdlopenflags()
     sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)

@@ -128,12 +128,9 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
         plugin = load_plugin(config)
         if dump_plugin:
-            try:
-                print_plugin_facts(plugin)
-            except BrokenPipeError:
-                # `luanbd s.lua --dump-plugin | head` is a normal thing to do: stop quietly
-                # (and keep Python from complaining again when it flushes stdout at exit).
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            # Output that cannot be written (a closed pipe, a full disk) is the command's
+            # concern, for every informational option alike (luanbd/__main__.py).
+            print_plugin_facts(plugin)
             return 0
         plugin.config_complete()
         plugin.get_ready()
