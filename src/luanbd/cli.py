@@ -453,31 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     return lifecycle.run(cmd.config, dump_plugin=cmd.dump_plugin)
 
 
-def lua_versions() -> list[str]:
-    """The --lua choices whose lupa runtime is installed."""
-    import importlib.util
-
-    from luanbd.lua.runtime import LUA_MODULES
-
-    found = []
-    for name, module in LUA_MODULES.items():
-        try:
-            if importlib.util.find_spec(module) is not None:
-                found.append(name)
-        except (ImportError, ValueError):
-            pass
-    return found
-
-
-def incomplete_runtimes() -> list[str]:
-    """The installed --lua choices whose standard library lacks the POSIX parts (lupa's own
-    wheels; scripts/setup.sh builds complete ones)."""
-    from luanbd.lua import runtime
-
-    return [name for name in lua_versions()
-            if not runtime.stdlib_complete(runtime.import_module(name))]
-
-
 def fastpath_state() -> str:
     """yes: the compiled request loop serves plain READ/WRITE; no: not built (no C compiler
     at install); off: LUANBD_FASTPATH=0."""
@@ -491,16 +466,19 @@ def fastpath_state() -> str:
 def dump_config() -> str:
     """``key=value`` build facts, as ``nbdkit --dump-config``."""
     from luanbd.config import plugin_dir
-    from luanbd.lua import lualib
+    from luanbd.lua import lualib, runtime
 
+    installed = runtime.installed()
+    incomplete = [lua for lua in installed
+                  if not runtime.stdlib_complete(runtime.import_module(lua))]
     major, minor = __version__.split(".")[:2]
     binary = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "luanbd"
     lines = [
         f"binary={binary}",
         "exit_with_parent=yes",
         f"fastpath={fastpath_state()}",
-        f"lua_incomplete={','.join(incomplete_runtimes())}",
-        f"lua_versions={','.join(lua_versions())}",
+        f"lua_incomplete={','.join(incomplete)}",
+        f"lua_versions={','.join(installed)}",
         f"lualib={lualib.state()}",
         f"plugindir={plugin_dir()}",
         "tls=yes",

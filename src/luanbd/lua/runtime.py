@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -22,6 +23,18 @@ LUA_MODULES = {
 
 #: LuaJIT's lua.h says it implements this release of Lua (LUA_RELEASE); it has no lua_ident.
 _LUAJIT_RELEASE = "5.1.4"
+
+
+def installed() -> list[str]:
+    """The --lua choices whose lupa module is installed (none of them is loaded)."""
+    found = []
+    for lua, name in LUA_MODULES.items():
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.append(lua)
+        except (ImportError, ValueError):
+            pass
+    return found
 
 
 def import_module(lua: str) -> ModuleType:
