@@ -88,3 +88,32 @@ def test_installed_wheel_python_m_version(venv: Path) -> None:
                    "import importlib.metadata as m; print(m.version('luanbd'))", cwd=venv)
     assert result.stdout == f"luanbd {version.stdout.strip()}\n", result
     assert result.stderr == ""
+
+
+POPEN_SCRIPT = """\
+local p = io.popen("echo hi"); print("popen=" .. p:read("*l")); p:close()
+function open(readonly) return 1 end
+function get_size(h) return 512 end
+function pread(h, count, offset) return string.rep("\\0", count) end
+"""
+
+
+def test_installed_wheel_reports_which_runtimes_are_incomplete(venv: Path,
+                                                               tmp_path: Path) -> None:
+    # lupa's own wheel (what a plain pip install gets) has every runtime in one process
+    # here: --dump-config once crashed loading a second one.  What it says must be true.
+    result = _run(venv / "luanbd", "--dump-config", env=client_env(), cwd=venv)
+    fields = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    installed = fields["lua_versions"].split(",")
+    incomplete = [v for v in fields["lua_incomplete"].split(",") if v]
+    assert set(incomplete) <= set(installed), fields
+    script = tmp_path / "popen.lua"
+    script.write_text(POPEN_SCRIPT)
+    for lua in ("5.4", "luajit"):
+        dump = subprocess.run([venv / "luanbd", f"--lua={lua}", script, "--dump-plugin"],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env=client_env(), stdin=subprocess.DEVNULL)
+        if lua in incomplete:
+            assert dump.returncode == 1 and "'popen' not supported" in dump.stderr, dump
+        else:
+            assert dump.returncode == 0 and "popen=hi" in dump.stdout, dump

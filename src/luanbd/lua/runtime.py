@@ -42,18 +42,21 @@ def import_module(lua: str) -> ModuleType:
 
     The first runtime a process loads is loaded with RTLD_GLOBAL, as a Lua interpreter's own
     symbols are visible to what it loads: C modules (Debian's lua-cjson, lua-posix) are not
-    linked against a Lua library and find the Lua C API there.  A second runtime in the same
-    process (only tests do that) is loaded privately, so the two cannot be confused.
+    linked against a Lua library and find the Lua C API there.  Every runtime is loaded with
+    RTLD_DEEPBIND: lupa's wheels call their own Lua API through the PLT, and without it a
+    second runtime in the same process (--dump-config's checks, tests) would be bound to the
+    first one's functions and crash.
     """
     name = LUA_MODULES[lua]
-    if any(m in sys.modules for m in LUA_MODULES.values()):
-        return importlib.import_module(name)
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(os.RTLD_NOW | os.RTLD_GLOBAL)
+    flags = os.RTLD_NOW | getattr(os, "RTLD_DEEPBIND", 0)
+    if not any(m in sys.modules for m in LUA_MODULES.values()):
+        flags |= os.RTLD_GLOBAL
+    saved = sys.getdlopenflags()
+    sys.setdlopenflags(flags)
     try:
         return importlib.import_module(name)
     finally:
-        sys.setdlopenflags(flags)
+        sys.setdlopenflags(saved)
 
 
 def release(module: ModuleType) -> str:
