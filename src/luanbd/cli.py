@@ -456,11 +456,12 @@ def main(argv: list[str] | None = None) -> int:
 def fastpath_state() -> str:
     """yes: the compiled request loop serves plain READ/WRITE; no: not built (no C compiler
     at install); off: LUANBD_FASTPATH=0."""
+    from luanbd.config import ServerConfig
     from luanbd.server import connection
 
-    if connection.FASTPATH is not None:
-        return "yes"
-    return "off" if connection.FASTPATH_BUILT else "no"
+    if not connection.FASTPATH_BUILT:
+        return "no"
+    return "yes" if ServerConfig(script="").fastpath else "off"
 
 
 def dump_config() -> str:

@@ -34,6 +34,11 @@ def plugin_dir() -> str:
     return os.environ.get(PLUGINDIR_ENV) or os.path.join(sys.prefix, "lib", "luanbd", "plugins")
 
 
+def _fastpath_from_env() -> bool:
+    """LUANBD_FASTPATH=0 turns the compiled request loop off (to compare, or to rule it out)."""
+    return os.environ.get("LUANBD_FASTPATH", "1") != "0"
+
+
 class UsageError(Exception):
     """A command-line mistake: ``luanbd: <message>`` (no ``error:``, as nbdkit), exit 1."""
 
@@ -96,3 +101,5 @@ class ServerConfig:
     vsock: bool = False
     #: --lua-gc: the Lua 5.4 collector mode (None: Lua's default, incremental).
     lua_gc: str | None = None
+    #: Serve plain small READ/WRITE with the compiled request loop where it is built.
+    fastpath: bool = field(default_factory=_fastpath_from_env)

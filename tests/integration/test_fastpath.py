@@ -69,7 +69,7 @@ class Loop:
         self.plugin = LuaPlugin(str(path))
         self.handle = self.plugin.open(False)
         self.client, self.server = socket.socketpair()
-        self.conn = SimpleNamespace(_closing=False)
+        self.conn = SimpleNamespace(closing=False)
         self.service = SimpleNamespace(stopping=False)
         self.slow_calls: list[tuple[int, int, int, int]] = []
         call, pread, pwrite, api2 = self.plugin.fastpath_calls()
@@ -225,7 +225,7 @@ def test_the_buffer_is_reused_across_many_receives(tmp_path: Path) -> None:
     assert loop.finish(thread)[2] is True
 
 
-@pytest.mark.parametrize("flag", ["stopping", "_closing"])
+@pytest.mark.parametrize("flag", ["stopping", "closing"])
 def test_shutdown_and_disconnect_hand_back_before_executing(tmp_path: Path, flag: str) -> None:
     loop = Loop(tmp_path)
     setattr(loop.service if flag == "stopping" else loop.conn, flag, True)

@@ -12,7 +12,6 @@ from luanbd.protocol.constants import Cmd, TransmissionFlag
 from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
 from luanbd.protocol.handshake import NEED_DATA
 from luanbd.protocol.transmission import (
-    DIRECT_PAYLOAD,
     Request,
     RequestParser,
     Session,
@@ -372,55 +371,3 @@ def test_session_from_negotiated() -> None:
     validate_request(_req(R, flags=v.FLAG_DF), session)
     with pytest.raises(RequestError):
         validate_request(_req(B), session)
-
-
-@pytest.mark.parametrize("size", [1, 4095, 65536, 100_003, 3 * 65536 + 28])
-def test_big_write_payload_received_in_place(size: int) -> None:
-    """A WRITE of DIRECT_PAYLOAD bytes or more is received straight into the bytes object
-    the plugin gets: same requests, whatever the chunking, and what follows the payload in
-    the same read is parsed after it."""
-    payload = bytes(range(256)) * 1024  # 256 KiB >= DIRECT_PAYLOAD
-    assert len(payload) >= DIRECT_PAYLOAD
-    stream = (v.request(v.CMD_READ, cookie=1, length=512)
-              + v.request(v.CMD_WRITE, cookie=2, offset=8192, data=payload)
-              + v.request(v.CMD_WRITE, cookie=3, data=payload[:DIRECT_PAYLOAD])
-              + v.request(v.CMD_FLUSH, cookie=4))
-    got = _feed(RequestParser(chunk=64 * 1024), stream, size=size)
-    assert got == [Request(Cmd.READ, 0, 1, 0, 512, None),
-                   Request(Cmd.WRITE, 0, 2, 8192, len(payload), payload),
-                   Request(Cmd.WRITE, 0, 3, 0, DIRECT_PAYLOAD, payload[:DIRECT_PAYLOAD]),
-                   Request(Cmd.FLUSH, 0, 4, 0, 0, None)]
-    assert all(type(r.data) is bytes for r in got if r.data is not None)
-    assert hash(got[1].data) == hash(bytes(payload))  # a sound, immutable bytes object
-
-
-def test_direct_payload_buffer_is_the_final_object() -> None:
-    """get_buffer() hands out the payload's own memory: no copy after the kernel's."""
-    payload = b"\x11" * (2 * DIRECT_PAYLOAD)
-    header = v.request(v.CMD_WRITE, cookie=9, data=payload)[:28]
-    parser = RequestParser()
-    parser.receive_data(header + payload[:10])
-    assert parser.next_request() is NEED_DATA
-    with parser.get_buffer() as view:
-        assert len(view) == len(payload) - 10
-        view[:] = payload[10:]
-    parser.commit(len(payload) - 10)
-    req = parser.next_request()
-    assert isinstance(req, Request) and req.data == payload
-
-
-def test_write_payload_that_cannot_be_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No memory for a WRITE's payload: it is dropped as it arrives (the stream stays in
-    step) and the request comes out without data, which the server answers with ENOMEM."""
-    import luanbd.protocol.transmission as t
-
-    def no_memory(n: int) -> tuple[bytes, memoryview]:
-        raise MemoryError
-
-    monkeypatch.setattr(t, "writable_bytes", no_memory)
-    payload = b"\x42" * (2 * DIRECT_PAYLOAD)
-    stream = (v.request(v.CMD_WRITE, cookie=1, data=payload)
-              + v.request(v.CMD_READ, cookie=2, length=512))
-    got = _feed(RequestParser(), stream, size=4096 + 28)
-    assert got == [Request(Cmd.WRITE, 0, 1, 0, len(payload), None),
-                   Request(Cmd.READ, 0, 2, 0, 512, None)]

@@ -1,6 +1,7 @@
 """One opened export of one connection: capabilities asked once, emulation, locking.
 
-This is nbdkit's ``backend.c`` + the emulation half of ``plugins.c``: zero emulated by
+It sits on top of the backend chain (``backend/chain.py``): this is nbdkit's ``backend.c`` +
+the emulation half of ``plugins.c``: zero emulated by
 pwrite, FUA by flush, cache by pread, and fast zero refused when it would be emulated.
 Requests reaching this layer were validated by ``protocol.transmission.validate_request``;
 the preconditions are asserted again here, not re-checked.
@@ -12,6 +13,7 @@ import errno
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+from luanbd.backend.chain import Context
 from luanbd.backend.interface import (
     EXTENT_HOLE,
     EXTENT_ZERO,
@@ -22,8 +24,6 @@ from luanbd.backend.interface import (
     CacheMode,
     FastZeroRefused,
     FuaMode,
-    Handle,
-    Plugin,
     PluginError,
     ThreadModel,
 )
@@ -82,14 +82,16 @@ class Capabilities:
 
 
 class BackendContext:
-    """A plugin handle and its cached capabilities; every plugin call holds ``lock``."""
+    """A connection's opened chain and its cached capabilities; every call down the chain
+    holds ``lock``."""
 
-    def __init__(self, plugin: Plugin, lock: AbstractContextManager[object], *,
-                 readonly: bool) -> None:
-        self.plugin = plugin
+    def __init__(self, top: Context, lock: AbstractContextManager[object], *,
+                 readonly: bool, thread_model: ThreadModel) -> None:
+        #: The first layer's context: every call goes down the chain from here.
+        self.top = top
         self.lock = lock
         self.readonly = readonly
-        self.handle: Handle = None
+        self.thread_model = thread_model
         self.caps: Capabilities | None = None
         #: Copies of caps.size and caps.can_write for the hot path's asserts.
         self.size = -1
@@ -98,31 +100,31 @@ class BackendContext:
 
     def open(self) -> Capabilities:
         """Open the plugin handle and ask every capability once.  Raises PluginError."""
-        p = self.plugin
+        p = self.top
         with self.lock:
-            self.handle = h = p.open(self.readonly)
+            p.open(self.readonly)
             self._open = True
             try:
-                size = p.get_size(h)
+                size = p.get_size()
                 # With -r the plugin's can_write is not consulted (as nbdkit).
-                can_write = False if self.readonly else p.can_write(h)
-                can_zero = can_write and p.can_zero(h)
+                can_write = False if self.readonly else p.can_write()
+                can_zero = can_write and p.can_zero()
                 self.caps = Capabilities(
                     size=size,
                     can_write=can_write,
-                    can_flush=p.can_flush(h),
-                    is_rotational=p.is_rotational(h),
-                    can_trim=can_write and p.can_trim(h),
+                    can_flush=p.can_flush(),
+                    is_rotational=p.is_rotational(),
+                    can_trim=can_write and p.can_trim(),
                     can_zero=can_zero,
-                    can_fast_zero=can_write and p.can_fast_zero(h),
-                    can_extents=p.can_extents(h),
-                    can_fua=p.can_fua(h) if can_write else FuaMode.NONE,
+                    can_fast_zero=can_write and p.can_fast_zero(),
+                    can_extents=p.can_extents(),
+                    can_fua=p.can_fua() if can_write else FuaMode.NONE,
                     # nbdkit hides multi-conn when connections cannot overlap anyway.
-                    can_multi_conn=(p.thread_model > ThreadModel.SERIALIZE_CONNECTIONS
-                                    and p.can_multi_conn(h)),
-                    can_cache=p.can_cache(h),
-                    block_size=p.block_size(h),
-                    description=p.export_description(h),
+                    can_multi_conn=(self.thread_model > ThreadModel.SERIALIZE_CONNECTIONS
+                                    and p.can_multi_conn()),
+                    can_cache=p.can_cache(),
+                    block_size=p.block_size(),
+                    description=p.export_description(),
                 )
             except BaseException:
                 self._close_locked()
@@ -139,7 +141,7 @@ class BackendContext:
 
     def _close_locked(self) -> None:
         self._open = False
-        self.plugin.close(self.handle)
+        self.top.close()
 
     @property
     def _caps(self) -> Capabilities:
@@ -153,32 +155,32 @@ class BackendContext:
     def pread(self, count: int, offset: int) -> bytes | memoryview:
         assert 0 < count <= MAX_REQUEST_SIZE and offset + count <= self.size, (count, offset)
         with self.lock:
-            return self.plugin.pread(self.handle, count, offset, 0)
+            return self.top.pread(count, offset, 0)
 
     def pwrite(self, buf: bytes, offset: int, fua: bool) -> None:
         assert len(buf) > 0 and offset + len(buf) <= self.size and self.can_write
         if not fua:
             with self.lock:
-                self.plugin.pwrite(self.handle, buf, offset, 0)
+                self.top.pwrite(buf, offset, 0)
             return
         native = self._fua_native(fua)
         with self.lock:
-            self.plugin.pwrite(self.handle, buf, offset, FLAG_FUA if native else 0)
+            self.top.pwrite(buf, offset, FLAG_FUA if native else 0)
             if not native:
-                self.plugin.flush(self.handle, 0)
+                self.top.flush(0)
 
     def flush(self) -> None:
         with self.lock:
-            self.plugin.flush(self.handle, 0)
+            self.top.flush(0)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
         self._assert_range(count, offset)
         assert self._caps.can_trim
         native = self._fua_native(fua)
         with self.lock:
-            self.plugin.trim(self.handle, count, offset, FLAG_FUA if native else 0)
+            self.top.trim(count, offset, FLAG_FUA if native else 0)
             if fua and not native:
-                self.plugin.flush(self.handle, 0)
+                self.top.flush(0)
 
     def zero(self, count: int, offset: int, *, may_trim: bool, fua: bool, fast: bool) -> None:
         """WRITE_ZEROES: the plugin's zero, else pwrite of zeroes (never for a fast zero)."""
@@ -191,7 +193,7 @@ class BackendContext:
                 flags = ((FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if native else 0)
                          | (FLAG_FAST_ZERO if fast else 0))
                 try:
-                    self.plugin.zero(self.handle, count, offset, flags)
+                    self.top.zero(count, offset, flags)
                 except PluginError as err:
                     # ENOTSUP/EOPNOTSUPP from zero means "emulate me", unless the client
                     # asked for a fast zero, which emulation never is.
@@ -199,18 +201,18 @@ class BackendContext:
                         raise
                 else:
                     if fua and not native:
-                        self.plugin.flush(self.handle, 0)
+                        self.top.flush(0)
                     return
             elif fast:
                 raise FastZeroRefused
             while count:
                 chunk = min(count, ZERO_EMULATION_CHUNK)
                 buf = _ZEROES if chunk == ZERO_EMULATION_CHUNK else _ZEROES[:chunk]
-                self.plugin.pwrite(self.handle, buf, offset, 0)
+                self.top.pwrite(buf, offset, 0)
                 offset += chunk
                 count -= chunk
             if fua:
-                self.plugin.flush(self.handle, 0)
+                self.top.flush(0)
 
     def cache(self, count: int, offset: int) -> None:
         self._assert_range(count, offset)
@@ -218,11 +220,11 @@ class BackendContext:
         assert mode is not CacheMode.NONE
         with self.lock:
             if mode is CacheMode.NATIVE:
-                self.plugin.cache(self.handle, count, offset, 0)
+                self.top.cache(count, offset, 0)
                 return
             while count:  # EMULATE: read and throw away, as nbdkit does
                 chunk = min(count, MAX_REQUEST_SIZE)
-                self.plugin.pread(self.handle, chunk, offset, 0)
+                self.top.pread(chunk, offset, 0)
                 offset += chunk
                 count -= chunk
 
@@ -236,7 +238,7 @@ class BackendContext:
         if not self._caps.can_extents:
             return [(count, 0)]  # without extents the whole range is allocated data
         with self.lock:
-            raw = self.plugin.extents(self.handle, count, offset, FLAG_REQ_ONE if req_one else 0)
+            raw = self.top.extents(count, offset, FLAG_REQ_ONE if req_one else 0)
         return clip_extents(raw, count, offset, req_one, self._caps.size,
                             max_descriptor=(1 << 64) - 1 if wide else MAX_DESCRIPTOR)
 

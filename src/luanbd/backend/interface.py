@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 #: nbdkit-plugin(3) flag values passed to data callbacks.
 FLAG_MAY_TRIM = 1 << 0
@@ -114,3 +114,20 @@ class Plugin(Protocol):
     def cache(self, h: Handle, count: int, offset: int, flags: int) -> None: ...
     def extents(self, h: Handle, count: int, offset: int,
                 flags: int) -> list[tuple[int, int, int]]: ...
+
+
+@runtime_checkable
+class CompiledCalls(Protocol):
+    """A plugin whose plain small READ/WRITE the compiled request loop (server/_fastpath.c)
+    may call without the Python layers in between (the Lua plugin is one)."""
+
+    def fastpath_calls(self) -> tuple[Any, Any, Any, bool]:
+        """(call, pread, pwrite or None, api2): the loop does ``call(pread, h, count, offset
+        [, 0])`` or ``call(pwrite, h, buf, offset [, 0])`` (with the flags argument when
+        api2) and takes a result of ``(True, bytes of count)`` / ``True`` / ``(True, ...)``
+        as success; pwrite None leaves WRITEs to Python."""
+        ...
+
+    def fastpath_result(self, is_read: bool, res: Any, count: int) -> bytes | memoryview | None:
+        """A result the loop did not take as success: the READ data, or raise PluginError."""
+        ...

@@ -11,9 +11,38 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Protocol
 
 from luanbd.backend.interface import ThreadModel
+
+
+class RequestLock(Protocol):
+    """What every request lock offers: a context manager, and acquire/release for the
+    compiled request loop (server/_fastpath.c), which cannot use ``with``."""
+
+    def acquire(self) -> Any: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None, /) -> Any: ...
+
+
+class NoLock:
+    """The request lock of the parallel thread model: takes nothing."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return True
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None, /) -> None:
+        pass
 
 
 class Locks:
@@ -24,13 +53,13 @@ class Locks:
         self.connection_lock = threading.Lock()
         self._all_requests = threading.Lock()
 
-    def request_lock(self) -> AbstractContextManager[object]:
-        """A lock to hold around each plugin call of one connection."""
+    def request_lock(self) -> RequestLock:
+        """A lock to hold around each call down the chain of one connection."""
         if self.model <= ThreadModel.SERIALIZE_ALL_REQUESTS:
             return self._all_requests
         if self.model == ThreadModel.SERIALIZE_REQUESTS:
             return threading.Lock()
-        return contextlib.nullcontext()
+        return NoLock()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[None]:

@@ -27,6 +27,11 @@ MAX_STRING = 4096
 #: The largest READ/WRITE we serve. libnbd refuses larger requests client-side and nbdkit
 #: answers ENOMEM above it, so a bigger limit would only let one client make us allocate more.
 MAX_REQUEST_SIZE = 64 * 1024 * 1024
+#: READ/WRITE data of this many bytes or more is "large" (not an NBD limit: where luanbd
+#: changes strategy): a READ is sent from the Lua string itself (lua/pinning.py), a WRITE
+#: payload is received straight into the bytes object the plugin gets; smaller plain
+#: requests are the compiled request loop's (server/_fastpath.c).
+LARGE_DATA = 64 * 1024
 #: nbdkit's MAX_NR_OPTIONS: a client that sends more options than this without choosing an
 #: export is wasting our time (slow-loris in the handshake) and is disconnected.
 MAX_OPTIONS = 32

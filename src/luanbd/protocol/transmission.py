@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from luanbd.protocol.constants import (
     EXTENDED_REQUEST_HEADER,
     EXTENDED_REQUEST_MAGIC,
+    LARGE_DATA,
     MAX_REQUEST_SIZE,
     REQUEST_HEADER,
     REQUEST_MAGIC,
@@ -47,6 +48,23 @@ class Request(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class PlainRequests:
+    """The one definition of a "plain" request: a READ, or a WRITE on a writable export,
+    with no flags, in range, of 1 to ``max_length`` bytes.  No rule of validate_request
+    applies to it, so a request loop may hand it to the plugin at once.  The compiled loop
+    (server/_fastpath.c) gets these fields as data, with a smaller ``max_length``.
+    """
+
+    size: int
+    writable: bool
+    max_length: int = MAX_REQUEST_SIZE
+
+    def admits(self, cmd: Cmd | int, flags: int, offset: int, length: int) -> bool:
+        return (not flags and 0 < length <= self.max_length and offset + length <= self.size
+                and (cmd is Cmd.READ or (cmd is Cmd.WRITE and self.writable)))
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     """What was negotiated and what validation depends on."""
 
@@ -57,6 +75,11 @@ class Session:
     base_allocation_id: int | None
     #: NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths, extended replies.
     extended_headers: bool = False
+    #: Which requests are plain on this export (derived from size and flags).
+    plain: PlainRequests = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", PlainRequests(self.size, not self.read_only))
 
     @classmethod
     def from_negotiated(cls, negotiated: Negotiated) -> Session:
@@ -89,39 +112,9 @@ _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 #: Request(...) without NamedTuple's Python-level __new__ (once per request).
 _new_request = tuple.__new__
 
-#: WRITE payloads at least this big that are not yet all received go straight into their
-#: final ``bytes`` object (see :func:`writable_bytes`) instead of through the buffer.
-DIRECT_PAYLOAD = 64 * 1024
-
-
-def _bytes_writer() -> Callable[[int], tuple[bytes, memoryview]] | None:
-    """CPython: make a ``bytes`` object of n bytes and a writable view of its contents.
-
-    The object is filled before anybody else sees it (its hash is computed lazily), which
-    saves copying a large WRITE payload out of the receive buffer: the kernel writes it
-    where the plugin will read it.  None where this is not CPython.
-    """
-    try:
-        import ctypes
-
-        new = ctypes.pythonapi.PyBytes_FromStringAndSize
-        new.restype = ctypes.py_object
-        new.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-        offset = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval)
-    except (ImportError, AttributeError):
-        return None
-
-    def make(n: int) -> tuple[bytes, memoryview]:
-        obj: bytes = new(None, n)
-        array = (ctypes.c_char * n).from_address(id(obj) + offset)
-        return obj, memoryview(array).cast("B")
-
-    probe, view = make(3)  # make sure the layout is what we think, once
-    view[:] = b"abc"
-    return make if probe == b"abc" else None
-
-
-writable_bytes = _bytes_writer()
+#: Makes a ``bytes`` object of n bytes and a writable view of its contents, filled before
+#: anybody else sees the object (the I/O layer's trick, luanbd.server.transport).
+PayloadBuffer = Callable[[int], tuple[bytes, memoryview]]
 
 
 class RequestParser:
@@ -133,11 +126,15 @@ class RequestParser:
 
     With ``extended=True`` (NBD_OPT_EXTENDED_HEADERS was negotiated) requests are 32-byte
     extended headers with 64-bit lengths, and any other header is a protocol violation.
+
+    With a ``payload_buffer``, a WRITE payload of LARGE_DATA bytes or more that has not all
+    arrived yet goes straight into its final ``bytes`` object instead of through the buffer.
     """
 
     def __init__(self, initial: bytes = b"", chunk: int = 256 * 1024,
-                 extended: bool = False) -> None:
+                 extended: bool = False, payload_buffer: PayloadBuffer | None = None) -> None:
         self._extended = extended
+        self._payload_buffer = payload_buffer
         # Extended headers (proto.md "Extended headers") only change the header's layout.
         self._header = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
         self._header_size = self._header.size
@@ -243,7 +240,7 @@ class RequestParser:
         if cmd is Cmd.WRITE and length <= MAX_REQUEST_SIZE:
             try:
                 if avail - size < length:
-                    if length >= DIRECT_PAYLOAD and writable_bytes is not None:
+                    if length >= LARGE_DATA and self._payload_buffer is not None:
                         return self._start_direct_payload(flags, cookie, offset, length, start)
                     self._need = size + length - avail
                     return NEED_DATA
@@ -274,8 +271,8 @@ class RequestParser:
                               start: int) -> _NeedData:
         """Move what arrived of a big WRITE payload into its final bytes object; the rest
         is received straight into it (get_buffer)."""
-        assert writable_bytes is not None
-        payload, view = writable_bytes(length)
+        assert self._payload_buffer is not None
+        payload, view = self._payload_buffer(length)
         have = self._end - start
         view[:have] = memoryview(self._buffer)[start:self._end]
         self._payload, self._payload_view, self._payload_filled = payload, view, have
@@ -299,10 +296,8 @@ class RequestParser:
 def validate_request(request: Request, session: Session) -> None:
     """Raise :class:`RequestError` with nbdkit's errno if the request may not reach the plugin."""
     cmd, flags, offset, length = request.cmd, request.flags, request.offset, request.length
-    # Fast path for the common case, a plain READ/WRITE in range: nothing else can apply.
-    if (not flags and 0 < length <= MAX_REQUEST_SIZE and offset + length <= session.size
-            and (cmd is Cmd.READ or (cmd is Cmd.WRITE and not session.read_only))):
-        return
+    if session.plain.admits(cmd, flags, offset, length):
+        return  # the common case: nothing below can apply
     cmd = _CMDS.get(cmd, cmd)  # a Request built by hand may carry a plain int
     sflags = int(session.flags)
 

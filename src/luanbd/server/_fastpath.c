@@ -440,7 +440,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
     str_stopping = PyUnicode_InternFromString("stopping");
-    str_closing = PyUnicode_InternFromString("_closing");
+    str_closing = PyUnicode_InternFromString("closing");
     if (str_stopping == NULL || str_closing == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -7,23 +7,21 @@ covers the plugin call only, so a client that stays silent in the handshake hold
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
-import queue
 import socket
 import ssl
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from luanbd import log
 from luanbd.backend import current
+from luanbd.backend.chain import Chain, Context, bottom
 from luanbd.backend.context import BackendContext
-from luanbd.backend.interface import FastZeroRefused, Plugin, PluginError, StartupError
+from luanbd.backend.interface import FastZeroRefused, PluginError, StartupError
+from luanbd.backend.locks import Locks, RequestLock
+from luanbd.config import ServerConfig
 from luanbd.protocol.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, Opt, Rep, TransmissionFlag
 from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
 from luanbd.protocol.handshake import (
@@ -33,6 +31,7 @@ from luanbd.protocol.handshake import (
     ExportInfoRequested,
     ExportListRequested,
     ExportNameRequested,
+    HandshakeConfig,
     ServerHandshake,
     StartTlsRequested,
     oldstyle_greeting,
@@ -49,9 +48,28 @@ from luanbd.protocol.replies import (
     simple_reply,
 )
 from luanbd.protocol.transmission import Request, RequestParser, Session, validate_request
+from luanbd.server.transport import (
+    MAX_BATCH,
+    WRITER_THRESHOLD,
+    ClientGone,
+    Writer,
+    send_buffers,
+    writable_bytes,
+)
 
-if TYPE_CHECKING:
-    from luanbd.server.service import Service
+
+class Shared(Protocol):
+    """What a connection uses of the state all connections share (server/service.py)."""
+
+    config: ServerConfig
+    handshake_config: HandshakeConfig
+    ssl_context: ssl.SSLContext | None
+    locks: Locks
+    chain: Chain
+    #: Shutdown has begun: requests get ESHUTDOWN, options NBD_REP_ERR_SHUTDOWN.
+    stopping: bool
+
+    def chain_for_connection(self) -> tuple[Chain, RequestLock]: ...
 
 #: Size of the receive buffer: holds many pipelined request headers or a good part of a write.
 RECV_SIZE = 256 * 1024
@@ -63,14 +81,6 @@ _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
 #: With -v, requests that take at least this long (seconds) are logged with their timing.
 SLOW_REQUEST = 1.0
 _READ, _WRITE = Cmd.READ, Cmd.WRITE
-#: sendmsg() takes at most IOV_MAX (1024 on Linux) buffers at once.
-MAX_IOV = 1024
-#: READ batches of at least this many bytes go to the connection's writer thread.
-WRITER_THRESHOLD = 128 * 1024
-#: Reply batches queued for the writer thread at most (then the request loop waits).
-WRITER_QUEUE = 2
-#: READ replies of this many bytes are sent before more requests are executed.
-MAX_BATCH = 4 * 1024 * 1024
 
 
 try:
@@ -78,93 +88,29 @@ try:
 except ImportError:  # installed without a C compiler: the Python loop serves everything
     _fastpath = None  # type: ignore[assignment]
 FASTPATH_BUILT = _fastpath is not None
-#: LUANBD_FASTPATH=0 turns the compiled request loop off (to compare, or to rule it out).
-FASTPATH = _fastpath if os.environ.get("LUANBD_FASTPATH", "1") != "0" else None
 
 #: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
 _Result = bytes | memoryview | list[tuple[int, int]] | None
 
 
-class ClientGone(Exception):
-    """The client closed the connection (or it was shut down under us)."""
-
-
-class _Writer:
-    """A connection's writer thread for big reply batches, started on first use.
-
-    The queue is bounded: when the client reads slowly, ``put`` blocks the request loop
-    (backpressure) instead of letting replies pile up in memory.  ``lock`` makes each batch
-    go out whole, whoever sends it.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-        self._queue: queue.Queue[Buffers | None] = queue.Queue(WRITER_QUEUE)
-        self._thread: threading.Thread | None = None
-        self._error: OSError | None = None
-
-    @property
-    def started(self) -> bool:
-        """The thread runs: sending elsewhere must take ``lock``."""
-        return self._thread is not None
-
-    def put(self, buffers: Buffers) -> None:
-        if self._error is not None:
-            raise ClientGone from self._error
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name=f"conn-{self.conn.number}-writer")
-            self._thread.start()
-        self._queue.put(buffers)
-
-    def _run(self) -> None:
-        send = self.conn._send_buffers
-        while (buffers := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # the client is gone: drop, but keep draining so put never blocks
-            try:
-                with self.lock:
-                    send(buffers)
-            except OSError as err:
-                self._error = err
-                self.conn.shutdown_read()  # the request loop sees EOF and ends
-
-    def finish(self) -> None:
-        """Wait until every queued batch is sent (before DISC or a disconnect closes)."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise ClientGone from self._error
-
-    def stop(self) -> None:
-        """The request loop ended: let the thread go without waiting for the client."""
-        if self._thread is not None:
-            if self._error is None:
-                # Unblock a sendmsg to a client that stopped reading.
-                with contextlib.suppress(OSError):
-                    self.conn.sock.shutdown(socket.SHUT_RDWR)  # never an SSLSocket here
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-
 class Connection:
     """Serve one client from greeting to close."""
 
-    def __init__(self, service: Service, sock: socket.socket, number: int, peer: str) -> None:
+    def __init__(self, service: Shared, sock: socket.socket, number: int, peer: str) -> None:
         self.service = service
         self.sock = sock
         self.number = number
         self.peer = peer
         self.ctx: BackendContext | None = None
-        self.plugin: Plugin = service.plugin
-        self.lock: AbstractContextManager[object] = service.shared_lock
+        #: This connection's chain: the shared one, or one with its own Lua state.
+        self.chain: Chain = service.chain
+        self.lock: RequestLock = service.locks.request_lock()
+        #: The first layer's context of this connection (set when it starts).
+        self.top: Context | None = None
         self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
-        self._closing = False
+        #: nbdkit_disconnect was called: no more requests (read by the compiled loop too).
+        self.closing = False
         #: time.monotonic() by which the handshake must be over (None: --timeout=0).
         self._deadline: float | None = None
         #: The export takes writes (not -r, can_write): set when transmission starts.
@@ -180,7 +126,8 @@ class Connection:
         try:
             # serialize_requests/parallel scripts get a Lua state of their own per
             # connection (plugin_for_connection); the others share one.
-            self.plugin, self.lock = self.service.plugin_for_connection()
+            self.chain, self.lock = self.service.chain_for_connection()
+            self.top = self.chain.connect()
             # A client gets --timeout to finish negotiating (greeting to NBD_OPT_GO): one
             # that connects and trickles or says nothing holds a thread, never a lock, and
             # not forever.
@@ -212,9 +159,9 @@ class Connection:
                 traceback.print_exc()
         finally:
             self._close_export()
-            if self.plugin is not self.service.plugin:  # this connection's own Lua state
-                self.plugin.cleanup()
-                self.plugin.unload()
+            if self.chain.plugin is not self.service.chain.plugin:  # its own Lua state
+                self.chain.plugin.cleanup()
+                self.chain.plugin.unload()
             current.set_connection(None)
             try:
                 self.sock.close()
@@ -224,7 +171,7 @@ class Connection:
 
     def disconnect(self, force: bool) -> None:
         """nbdkit_disconnect: close at once (force) or after the request being served."""
-        self._closing = True
+        self.closing = True
         if force:
             self.shutdown_read()
 
@@ -236,6 +183,10 @@ class Connection:
             socket.socket.shutdown(self.sock, socket.SHUT_RD)
         except OSError:
             pass
+
+    def _top(self) -> Context:
+        assert self.top is not None, "connection not started"
+        return self.top
 
     # --- I/O ----------------------------------------------------------------------------
     def _recv(self) -> memoryview:
@@ -259,34 +210,12 @@ class Connection:
             self.sock.sendall(data)
 
     def _send_buffers(self, buffers: Buffers) -> None:
-        """Send a batch of replies with as few syscalls as possible (sendmsg gathers)."""
-        sock = self.sock
-        if self._tls:
-            # SSLSocket has no sendmsg: one record stream, so join and sendall.
-            if buffers:
-                sock.sendall(b"".join(buffers))
-            return
-        while buffers:
-            batch = buffers[:MAX_IOV] if len(buffers) > MAX_IOV else buffers
-            sent = sock.sendmsg(batch)
-            total = sum(map(len, batch))
-            if sent < total:
-                # Partial send: drop what went out, send the rest of this batch plainly.
-                rest = []
-                for b in batch:
-                    if sent >= len(b):
-                        sent -= len(b)
-                        continue
-                    rest.append(memoryview(b)[sent:])
-                    sent = 0
-                for b in rest:
-                    sock.sendall(b)
-            buffers = buffers[MAX_IOV:]
+        send_buffers(self.sock, self._tls, buffers)
 
     # --- handshake ----------------------------------------------------------------------
     def _preconnect(self) -> None:
         with self.lock:
-            self.plugin.preconnect(self.service.config.readonly)
+            self._top().preconnect(self.service.config.readonly)
 
     def _oldstyle(self) -> None:
         info = self._open_export(b"")
@@ -356,7 +285,7 @@ class Connection:
         service = self.service
         try:
             with self.lock:
-                exports = self.plugin.list_exports(service.config.readonly, self.info.is_tls)
+                exports = self._top().list_exports(service.config.readonly, self.info.is_tls)
         except PluginError as err:
             log.error(str(err))
             return hs.option_error_reply(Rep.ERR_PLATFORM, "could not list exports")
@@ -382,11 +311,12 @@ class Connection:
         canonical: bytes | None = name
         if name == b"":
             with self.lock:
-                canonical = self.plugin.default_export(readonly, self.info.is_tls)
+                canonical = self._top().default_export(readonly, self.info.is_tls)
             if canonical is None:
                 raise PluginError("default_export", "the default export is not available")
         self.info.export_name = canonical
-        ctx = BackendContext(self.plugin, self.lock, readonly=readonly)
+        ctx = BackendContext(self._top(), self.lock, readonly=readonly,
+                             thread_model=self.chain.thread_model)
         caps = ctx.open()
         self.ctx = ctx
         return ExportInfo(size=caps.size, flags=caps.flags, name=canonical,
@@ -403,7 +333,8 @@ class Connection:
         self._deadline = None
         self._writable = not session.read_only
         extended = session.extended_headers
-        parser = RequestParser(trailing, RECV_SIZE, extended=extended)
+        parser = RequestParser(trailing, RECV_SIZE, extended=extended,
+                               payload_buffer=writable_bytes)
         handle: Callable[[Request, Session], Buffers] = (
             self._handle_extended if extended else self._handle)
         if log.verbose:
@@ -413,7 +344,8 @@ class Connection:
         # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
         # used by two threads at once), so that the kernel's copy of one batch overlaps the
         # Lua work of the next.  Small ones are sent here: a thread hand-off costs more.
-        writer = _Writer(self) if not self._tls else None
+        writer = (Writer(self._send_buffers, self.sock, self.shutdown_read,
+                               f"conn-{self.number}-writer") if not self._tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
         fast = self._fastpath_setup(session)
@@ -423,7 +355,7 @@ class Connection:
                     # The compiled loop serves plain small READs and WRITEs until a request
                     # it leaves to the code below (which is the reference for both).
                     send_lock = writer.lock if writer is not None and writer.started else None
-                    pos, end, eof = FASTPATH.serve(fast, *state, send_lock)  # type: ignore[union-attr]
+                    pos, end, eof = _fastpath.serve(fast, *state, send_lock)
                     parser.set_raw_state(pos, end)
                     if eof:
                         raise ClientGone
@@ -451,7 +383,7 @@ class Connection:
                 if out:
                     self._send_batch(out, size, writer)
                     out, size = [], 0
-                if self._closing:
+                if self.closing:
                     if writer is not None:
                         writer.finish()
                     return
@@ -474,24 +406,21 @@ class Connection:
         where the Python loop must do everything: TLS (an SSL object), extended headers,
         -v (request timing), a plugin that is not a Lua script."""
         ctx = self.ctx
-        if (FASTPATH is None or ctx is None or self._tls or log.verbose
-                or session.extended_headers):
+        if (_fastpath is None or not self.service.config.fastpath or ctx is None or self._tls
+                or log.verbose or session.extended_headers):
             return None
-        calls = getattr(ctx.plugin, "fastpath_calls", None)
-        if calls is None:
+        plugin = self.chain.compiled_calls()
+        if plugin is None:  # a filter looks at plain requests, or not a Lua plugin
             return None
-        call, pread, pwrite, api2 = calls()
-        lock = ctx.lock
-        acquire = getattr(lock, "acquire", None)
-        release = getattr(lock, "release", None)
-        plugin = ctx.plugin
+        call, pread, pwrite, api2 = plugin.fastpath_calls()
+        lock = self.lock
 
         def slow(cmd: int, cookie: int, offset: int, count: int, res: Any) -> Buffers:
             # A result other than success, handled exactly as _handle would.
             is_read = cmd == Cmd.READ
             req = Request(_READ if is_read else _WRITE, 0, cookie, offset, count, None)
             try:
-                data = plugin.fastpath_result(is_read, res, count)  # type: ignore[attr-defined]
+                data = plugin.fastpath_result(is_read, res, count)
             except PluginError as err:
                 log.error(str(err))
                 return self._error_reply(req, session, self._failed(req, err.errno)[1])
@@ -501,10 +430,11 @@ class Connection:
             return self._read_reply(cookie, offset, data, session)
 
         return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
-                pwrite if self._writable else None, ctx.handle, api2, acquire, release, self,
+                pwrite if self._writable else None, bottom(ctx.top).handle, api2, lock.acquire,
+                lock.release, self,
                 self.service, slow)
 
-    def _send_batch(self, out: Buffers, size: int, writer: _Writer | None) -> None:
+    def _send_batch(self, out: Buffers, size: int, writer: Writer | None) -> None:
         """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes
         of READ data, else here (under the writer's lock once it has started)."""
         if writer is None:
@@ -539,7 +469,7 @@ class Connection:
         The result is the data of a READ, the extents of a BLOCK_STATUS, else None; the
         reply encoding (classic or extended headers) is the caller's.
         """
-        if self.service.stopping or self._closing:
+        if self.service.stopping or self.closing:
             # proto.md: once shutdown has begun, refuse new requests with ESHUTDOWN.
             return None, errno.ESHUTDOWN
         ctx = self.ctx
@@ -591,7 +521,7 @@ class Connection:
         cmd = req.cmd
         if (not req.flags and 0 < req.length <= MAX_REQUEST_SIZE
                 and req.offset + req.length <= session.size
-                and not (self.service.stopping or self._closing)):
+                and not (self.service.stopping or self.closing)):
             # The most common requests, a plain READ or WRITE in range, in fewer steps (the
             # checks above are validate_request's own fast path); failures end as in _run.
             ctx = self.ctx

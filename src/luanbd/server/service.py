@@ -10,12 +10,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
 
 from luanbd import log
+from luanbd.backend.chain import Backend, Chain
 from luanbd.backend.interface import Plugin, ThreadModel
-from luanbd.backend.locks import Locks
+from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
 from luanbd.protocol.handshake import HandshakeConfig
 from luanbd.server.connection import Connection
@@ -31,13 +31,16 @@ class Service:
     """Accepted sockets become :class:`Connection` threads; shutdown stops them in order."""
 
     def __init__(self, plugin: Plugin, config: ServerConfig,
-                 plugin_factory: Callable[[], Plugin] | None = None) -> None:
+                 plugin_factory: Callable[[], Plugin] | None = None,
+                 filters: Sequence[Backend] = ()) -> None:
         self.plugin = plugin
+        #: What every request goes through: ``filters``, then the plugin.
+        self.chain = Chain(plugin, filters)
         self.config = config
-        self.locks = Locks(plugin.thread_model)
-        #: The lock of the shared plugin: for serialize_connections/all_requests it is the
+        self.locks = Locks(self.chain.thread_model)
+        #: The lock of the shared chain: for serialize_connections/all_requests it is the
         #: one process-wide request lock.
-        self.shared_lock: AbstractContextManager[object] = self.locks.request_lock()
+        self.shared_lock: RequestLock = self.locks.request_lock()
         #: Makes a fresh plugin instance (a new Lua state) for one connection; used when the
         #: thread model lets connections run at the same time.
         self.plugin_factory = plugin_factory
@@ -63,11 +66,11 @@ class Service:
         self._refused = 0
         self._refused_log = log.Throttle(REFUSED_LOG_INTERVAL)
 
-    def plugin_for_connection(self) -> tuple[Plugin, AbstractContextManager[object]]:
-        """The plugin and request lock a new connection uses."""
+    def chain_for_connection(self) -> tuple[Chain, RequestLock]:
+        """The chain and request lock a new connection uses."""
         if self.plugin_factory is not None and self.locks.model >= ThreadModel.SERIALIZE_REQUESTS:
-            return self.plugin_factory(), self.locks.request_lock()
-        return self.plugin, self.shared_lock
+            return self.chain.with_plugin(self.plugin_factory()), self.locks.request_lock()
+        return self.chain, self.shared_lock
 
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Serve an accepted socket in a new thread."""

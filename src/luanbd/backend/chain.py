@@ -1,0 +1,379 @@
+"""The backend chain: filter layers in front of the plugin (nbdkit ``backend.c``, ``filters.c``,
+``plugins.c``).
+
+Every layer is a :class:`Backend` in nbdkit-filter(3)'s ``next`` model: each call gets the
+next layer's per-connection :class:`Context` (``next``) and this layer's own handle, and the
+base class passes every call through unchanged, so a filter overrides only what it changes.
+:class:`PluginBackend` is the last layer: it adapts a :class:`~luanbd.backend.interface.Plugin`.
+The chain's thread model is the most restrictive of its layers' (as nbdkit's).
+
+``backend/context.py`` sits on top of the chain for each connection: capabilities asked
+once, emulation, locking and the preconditions asserted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from luanbd.backend.interface import (
+    CacheMode,
+    CompiledCalls,
+    FuaMode,
+    Handle,
+    Plugin,
+    ThreadModel,
+)
+
+
+class Backend:
+    """One filter layer; the defaults pass each call to ``next`` unchanged."""
+
+    #: Shown in log lines (nbdkit's filter name).
+    name = "filter"
+
+    @property
+    def thread_model(self) -> ThreadModel:
+        """The most this layer allows (the chain takes the minimum of all layers)."""
+        return ThreadModel.PARALLEL
+
+    @classmethod
+    def passes_plain_requests(cls) -> bool:
+        """This layer hands plain READs and WRITEs to the next one untouched, so the
+        compiled request loop may call the plugin directly (it never skips a layer that
+        looks at them)."""
+        return cls.pread is Backend.pread and cls.pwrite is Backend.pwrite
+
+    # --- process-wide ---------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """The server stops serving (nbdkit's .cleanup); called once per layer."""
+
+    def unload(self) -> None:
+        """Last call before the layer goes away (nbdkit's .unload)."""
+
+    # --- before a handle exists (the handshake) -------------------------------------------
+    def preconnect(self, next: Context, readonly: bool) -> None:
+        next.preconnect(readonly)
+
+    def list_exports(self, next: Context, readonly: bool,
+                     is_tls: bool) -> list[tuple[bytes, bytes | None]]:
+        return next.list_exports(readonly, is_tls)
+
+    def default_export(self, next: Context, readonly: bool, is_tls: bool) -> bytes | None:
+        return next.default_export(readonly, is_tls)
+
+    def open(self, next: Context, readonly: bool) -> Handle:
+        """Open the next layer, then this one; the result is this layer's handle."""
+        next.open(readonly)
+        return None
+
+    def close(self, next: Context, h: Handle) -> None:
+        next.close()
+
+    # --- capabilities (asked once per connection, by backend/context.py) ------------------
+    def get_size(self, next: Context, h: Handle) -> int:
+        return next.get_size()
+
+    def block_size(self, next: Context, h: Handle) -> tuple[int, int, int] | None:
+        return next.block_size()
+
+    def export_description(self, next: Context, h: Handle) -> bytes | None:
+        return next.export_description()
+
+    def can_write(self, next: Context, h: Handle) -> bool:
+        return next.can_write()
+
+    def can_flush(self, next: Context, h: Handle) -> bool:
+        return next.can_flush()
+
+    def is_rotational(self, next: Context, h: Handle) -> bool:
+        return next.is_rotational()
+
+    def can_trim(self, next: Context, h: Handle) -> bool:
+        return next.can_trim()
+
+    def can_zero(self, next: Context, h: Handle) -> bool:
+        return next.can_zero()
+
+    def can_fast_zero(self, next: Context, h: Handle) -> bool:
+        return next.can_fast_zero()
+
+    def can_extents(self, next: Context, h: Handle) -> bool:
+        return next.can_extents()
+
+    def can_fua(self, next: Context, h: Handle) -> FuaMode:
+        return next.can_fua()
+
+    def can_multi_conn(self, next: Context, h: Handle) -> bool:
+        return next.can_multi_conn()
+
+    def can_cache(self, next: Context, h: Handle) -> CacheMode:
+        return next.can_cache()
+
+    # --- data -----------------------------------------------------------------------------
+    def pread(self, next: Context, h: Handle, count: int, offset: int,
+              flags: int) -> bytes | memoryview:
+        return next.pread(count, offset, flags)
+
+    def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
+        next.pwrite(buf, offset, flags)
+
+    def flush(self, next: Context, h: Handle, flags: int) -> None:
+        next.flush(flags)
+
+    def trim(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        next.trim(count, offset, flags)
+
+    def zero(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        next.zero(count, offset, flags)
+
+    def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        next.cache(count, offset, flags)
+
+    def extents(self, next: Context, h: Handle, count: int, offset: int,
+                flags: int) -> list[tuple[int, int, int]]:
+        return next.extents(count, offset, flags)
+
+
+class Context:
+    """One layer's state for one connection (nbdkit ``struct context``): the layer, its
+    handle, and the next layer's context.  Its methods are what a filter calls as ``next``."""
+
+    __slots__ = ("backend", "handle", "next")
+
+    def __init__(self, backend: Backend, next: Context | None) -> None:
+        self.backend = backend
+        self.next = next
+        self.handle: Handle = None
+
+    def _next(self) -> Context:
+        assert self.next is not None, "the plugin layer has no next layer"
+        return self.next
+
+    def preconnect(self, readonly: bool) -> None:
+        self.backend.preconnect(self._next(), readonly)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[tuple[bytes, bytes | None]]:
+        return self.backend.list_exports(self._next(), readonly, is_tls)
+
+    def default_export(self, readonly: bool, is_tls: bool) -> bytes | None:
+        return self.backend.default_export(self._next(), readonly, is_tls)
+
+    def open(self, readonly: bool) -> None:
+        self.handle = self.backend.open(self._next(), readonly)
+
+    def close(self) -> None:
+        self.backend.close(self._next(), self.handle)
+
+    def get_size(self) -> int:
+        return self.backend.get_size(self._next(), self.handle)
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return self.backend.block_size(self._next(), self.handle)
+
+    def export_description(self) -> bytes | None:
+        return self.backend.export_description(self._next(), self.handle)
+
+    def can_write(self) -> bool:
+        return self.backend.can_write(self._next(), self.handle)
+
+    def can_flush(self) -> bool:
+        return self.backend.can_flush(self._next(), self.handle)
+
+    def is_rotational(self) -> bool:
+        return self.backend.is_rotational(self._next(), self.handle)
+
+    def can_trim(self) -> bool:
+        return self.backend.can_trim(self._next(), self.handle)
+
+    def can_zero(self) -> bool:
+        return self.backend.can_zero(self._next(), self.handle)
+
+    def can_fast_zero(self) -> bool:
+        return self.backend.can_fast_zero(self._next(), self.handle)
+
+    def can_extents(self) -> bool:
+        return self.backend.can_extents(self._next(), self.handle)
+
+    def can_fua(self) -> FuaMode:
+        return self.backend.can_fua(self._next(), self.handle)
+
+    def can_multi_conn(self) -> bool:
+        return self.backend.can_multi_conn(self._next(), self.handle)
+
+    def can_cache(self) -> CacheMode:
+        return self.backend.can_cache(self._next(), self.handle)
+
+    def pread(self, count: int, offset: int, flags: int) -> bytes | memoryview:
+        return self.backend.pread(self._next(), self.handle, count, offset, flags)
+
+    def pwrite(self, buf: bytes, offset: int, flags: int) -> None:
+        self.backend.pwrite(self._next(), self.handle, buf, offset, flags)
+
+    def flush(self, flags: int) -> None:
+        self.backend.flush(self._next(), self.handle, flags)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.backend.trim(self._next(), self.handle, count, offset, flags)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self.backend.zero(self._next(), self.handle, count, offset, flags)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        self.backend.cache(self._next(), self.handle, count, offset, flags)
+
+    def extents(self, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+        return self.backend.extents(self._next(), self.handle, count, offset, flags)
+
+
+class PluginContext(Context):
+    """The last layer's context: calls go straight to the plugin (one call less per
+    request than going through :class:`PluginBackend`)."""
+
+    __slots__ = ("plugin",)
+
+    def __init__(self, plugin: Plugin) -> None:
+        super().__init__(PluginBackend(plugin), None)
+        self.plugin = plugin
+
+    def preconnect(self, readonly: bool) -> None:
+        self.plugin.preconnect(readonly)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[tuple[bytes, bytes | None]]:
+        return self.plugin.list_exports(readonly, is_tls)
+
+    def default_export(self, readonly: bool, is_tls: bool) -> bytes | None:
+        return self.plugin.default_export(readonly, is_tls)
+
+    def open(self, readonly: bool) -> None:
+        self.handle = self.plugin.open(readonly)
+
+    def close(self) -> None:
+        self.plugin.close(self.handle)
+
+    def get_size(self) -> int:
+        return self.plugin.get_size(self.handle)
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        return self.plugin.block_size(self.handle)
+
+    def export_description(self) -> bytes | None:
+        return self.plugin.export_description(self.handle)
+
+    def can_write(self) -> bool:
+        return self.plugin.can_write(self.handle)
+
+    def can_flush(self) -> bool:
+        return self.plugin.can_flush(self.handle)
+
+    def is_rotational(self) -> bool:
+        return self.plugin.is_rotational(self.handle)
+
+    def can_trim(self) -> bool:
+        return self.plugin.can_trim(self.handle)
+
+    def can_zero(self) -> bool:
+        return self.plugin.can_zero(self.handle)
+
+    def can_fast_zero(self) -> bool:
+        return self.plugin.can_fast_zero(self.handle)
+
+    def can_extents(self) -> bool:
+        return self.plugin.can_extents(self.handle)
+
+    def can_fua(self) -> FuaMode:
+        return self.plugin.can_fua(self.handle)
+
+    def can_multi_conn(self) -> bool:
+        return self.plugin.can_multi_conn(self.handle)
+
+    def can_cache(self) -> CacheMode:
+        return self.plugin.can_cache(self.handle)
+
+    def pread(self, count: int, offset: int, flags: int) -> bytes | memoryview:
+        return self.plugin.pread(self.handle, count, offset, flags)
+
+    def pwrite(self, buf: bytes, offset: int, flags: int) -> None:
+        self.plugin.pwrite(self.handle, buf, offset, flags)
+
+    def flush(self, flags: int) -> None:
+        self.plugin.flush(self.handle, flags)
+
+    def trim(self, count: int, offset: int, flags: int) -> None:
+        self.plugin.trim(self.handle, count, offset, flags)
+
+    def zero(self, count: int, offset: int, flags: int) -> None:
+        self.plugin.zero(self.handle, count, offset, flags)
+
+    def cache(self, count: int, offset: int, flags: int) -> None:
+        self.plugin.cache(self.handle, count, offset, flags)
+
+    def extents(self, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+        return self.plugin.extents(self.handle, count, offset, flags)
+
+
+class PluginBackend(Backend):
+    """The plugin as the last layer (nbdkit ``plugins.c``); its context is a
+    :class:`PluginContext`, which calls the plugin itself."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.name = "plugin"
+
+    @property
+    def thread_model(self) -> ThreadModel:
+        return self.plugin.thread_model
+
+    def cleanup(self) -> None:
+        self.plugin.cleanup()
+
+    def unload(self) -> None:
+        self.plugin.unload()
+
+
+class Chain:
+    """The layers a request goes through: ``filters`` (first = nearest the server), then
+    the plugin."""
+
+    def __init__(self, plugin: Plugin, filters: Sequence[Backend] = ()) -> None:
+        self.plugin = plugin
+        self.filters = tuple(filters)
+        models = [f.thread_model for f in self.filters] + [plugin.thread_model]
+        #: nbdkit: the chain runs under the most restrictive thread model of its layers.
+        self.thread_model = ThreadModel(min(models))
+
+    def with_plugin(self, plugin: Plugin) -> Chain:
+        """The same filters in front of another instance of the plugin (a connection's own
+        Lua state)."""
+        return Chain(plugin, self.filters)
+
+    def connect(self) -> Context:
+        """Fresh per-connection contexts for every layer; the first layer's is returned."""
+        top: Context = PluginContext(self.plugin)
+        for f in reversed(self.filters):
+            top = Context(f, top)
+        return top
+
+    def compiled_calls(self) -> CompiledCalls | None:
+        """The plugin, when the compiled request loop may call it directly for plain
+        READ/WRITE: every filter passes those untouched and the plugin offers the calls."""
+        if not all(f.passes_plain_requests() for f in self.filters):
+            return None
+        plugin = self.plugin
+        return plugin if isinstance(plugin, CompiledCalls) else None
+
+    def cleanup(self) -> None:
+        for f in self.filters:
+            f.cleanup()
+        self.plugin.cleanup()
+
+    def unload(self) -> None:
+        for f in self.filters:
+            f.unload()
+        self.plugin.unload()
+
+
+def bottom(context: Context) -> Context:
+    """The plugin layer's context (the handle the compiled loop passes to the plugin)."""
+    while context.next is not None:
+        context = context.next
+    return context
