@@ -7,23 +7,21 @@ covers the plugin call only, so a client that stays silent in the handshake hold
 
 from __future__ import annotations
 
-import errno
 import socket
 import ssl
 import time
 import traceback
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Chain, Context, bottom
 from luanbd.backend.context import BackendContext
-from luanbd.backend.interface import FastZeroRefused, PluginError, StartupError
+from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
-from luanbd.protocol.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, Opt, Rep, TransmissionFlag
-from luanbd.protocol.errors import ProtocolViolation, RequestError, nbd_error_for
+from luanbd.protocol.constants import Cmd, CmdFlag, Opt, Rep, TransmissionFlag
+from luanbd.protocol.errors import ProtocolViolation
 from luanbd.protocol.handshake import (
     NEED_DATA,
     AbortRequested,
@@ -38,16 +36,9 @@ from luanbd.protocol.handshake import (
 )
 from luanbd.protocol.replies import (
     Buffers,
-    block_status_reply,
-    error_chunk_reply,
-    ext_block_status_reply,
-    ext_error_reply,
-    ext_read_reply,
-    ext_reply,
-    read_chunk_reply,
-    simple_reply,
 )
-from luanbd.protocol.transmission import Request, RequestParser, Session, validate_request
+from luanbd.protocol.transmission import Request, RequestParser, Session
+from luanbd.server.requests import RequestHandler
 from luanbd.server.transport import (
     MAX_BATCH,
     WRITER_THRESHOLD,
@@ -335,10 +326,10 @@ class Connection:
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended,
                                payload_buffer=writable_bytes)
-        handle: Callable[[Request, Session], Buffers] = (
-            self._handle_extended if extended else self._handle)
-        if log.verbose:
-            handle = self._timed(handle)
+        ctx = self.ctx
+        assert ctx is not None
+        handler = RequestHandler(ctx, session, self.number, self.service, self)
+        handle = handler.handle_request
         recv_into = self.sock.recv_into
         wait_all = 0 if self._tls else socket.MSG_WAITALL
         # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
@@ -348,7 +339,7 @@ class Connection:
                                f"conn-{self.number}-writer") if not self._tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
-        fast = self._fastpath_setup(session)
+        fast = self._fastpath_setup(session, handler)
         try:
             while True:
                 if fast is not None and (state := parser.raw_state()) is not None:
@@ -371,7 +362,7 @@ class Connection:
                         if writer is not None:
                             writer.finish()
                         return
-                    out += handle(request, session)
+                    out += handle(request)
                     if cmd is Cmd.READ:
                         size += request.length
                         if size >= MAX_BATCH:
@@ -401,7 +392,8 @@ class Connection:
             if writer is not None:
                 writer.stop()
 
-    def _fastpath_setup(self, session: Session) -> tuple[Any, ...] | None:
+    def _fastpath_setup(self, session: Session,
+                        handler: RequestHandler) -> tuple[Any, ...] | None:
         """The compiled loop's view of this connection (luanbd.server._fastpath), or None
         where the Python loop must do everything: TLS (an SSL object), extended headers,
         -v (request timing), a plugin that is not a Lua script."""
@@ -415,20 +407,9 @@ class Connection:
         call, pread, pwrite, api2 = plugin.fastpath_calls()
         lock = self.lock
 
-        def slow(cmd: int, cookie: int, offset: int, count: int, res: Any) -> Buffers:
-            # A result other than success, handled exactly as _handle would.
-            is_read = cmd == Cmd.READ
-            req = Request(_READ if is_read else _WRITE, 0, cookie, offset, count, None)
-            try:
-                data = plugin.fastpath_result(is_read, res, count)
-            except PluginError as err:
-                log.error(str(err))
-                return self._error_reply(req, session, self._failed(req, err.errno)[1])
-            if not is_read:
-                return simple_reply(cookie)
-            assert data is not None
-            return self._read_reply(cookie, offset, data, session)
-
+        # Any result but success is answered by the handler, as the Python loop would.
+        handler.compiled = plugin
+        slow = handler.compiled_result
         return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
                 pwrite if self._writable else None, bottom(ctx.top).handle, api2, lock.acquire,
                 lock.release, self,
@@ -446,134 +427,3 @@ class Connection:
                 self._send_buffers(out)
         else:
             self._send_buffers(out)
-
-    def _timed(self, handle: Callable[[Request, Session], Buffers],
-               ) -> Callable[[Request, Session], Buffers]:
-        """With -v: ``handle`` that logs requests slower than SLOW_REQUEST seconds."""
-
-        def timed(req: Request, session: Session) -> Buffers:
-            start = time.monotonic()
-            try:
-                return handle(req, session)
-            finally:
-                elapsed = time.monotonic() - start
-                if elapsed >= SLOW_REQUEST:
-                    log.debug(f"conn {self.number}: {req.cmd} offset={req.offset} "
-                              f"count={req.length} took {elapsed:.3f} s")
-
-        return timed
-
-    def _run(self, req: Request, session: Session) -> tuple[_Result, int]:
-        """Validate and execute one request: (result, 0), or (None, errno) on failure.
-
-        The result is the data of a READ, the extents of a BLOCK_STATUS, else None; the
-        reply encoding (classic or extended headers) is the caller's.
-        """
-        if self.service.stopping or self.closing:
-            # proto.md: once shutdown has begun, refuse new requests with ESHUTDOWN.
-            return None, errno.ESHUTDOWN
-        ctx = self.ctx
-        assert ctx is not None
-        cmd, flags = req.cmd, req.flags
-        try:
-            validate_request(req, session)
-            if cmd is Cmd.READ:
-                return ctx.pread(req.length, req.offset), 0
-            if cmd is Cmd.WRITE:
-                if req.data is None:  # the parser could not allocate the payload
-                    raise RequestError(errno.ENOMEM, f"{cmd}: not enough memory for a "
-                                                     f"{req.length}-byte payload")
-                ctx.pwrite(req.data, req.offset, bool(flags & _FUA))
-            elif cmd is Cmd.FLUSH:
-                ctx.flush()
-            elif cmd is Cmd.TRIM:
-                ctx.trim(req.length, req.offset, bool(flags & _FUA))
-            elif cmd is Cmd.WRITE_ZEROES:
-                ctx.zero(req.length, req.offset, may_trim=not flags & _NO_HOLE,
-                         fua=bool(flags & _FUA), fast=bool(flags & _FAST_ZERO))
-            elif cmd is Cmd.CACHE:
-                ctx.cache(req.length, req.offset)
-            elif cmd is Cmd.BLOCK_STATUS:
-                # Extended headers carry 64-bit descriptor lengths ("wide").
-                return ctx.extents(req.length, req.offset, bool(flags & _REQ_ONE),
-                                   wide=session.extended_headers), 0
-            return None, 0
-        except RequestError as err:
-            log.error(f"invalid request: {err}")
-            return self._failed(req, err.errno)
-        except FastZeroRefused as err:
-            log.debug(str(err))
-            return self._failed(req, err.errno)
-        except PluginError as err:
-            log.error(str(err))
-            return self._failed(req, err.errno)
-
-    def _failed(self, req: Request, code: int) -> tuple[None, int]:
-        """With -v, a failed request is also logged with its connection and errno (the
-        error line itself keeps nbdkit's shape: ``luanbd: error: pread: script.lua:12: ...``)."""
-        if log.verbose:
-            log.debug(f"conn {self.number}: {req.cmd} cookie={req.cookie} offset={req.offset} "
-                      f"count={req.length} failed: {errno.errorcode.get(code, code)}")
-        return None, code
-
-    def _handle(self, req: Request, session: Session) -> Buffers:
-        """One request, answered with simple or structured replies."""
-        cmd = req.cmd
-        if (not req.flags and 0 < req.length <= MAX_REQUEST_SIZE
-                and req.offset + req.length <= session.size
-                and not (self.service.stopping or self.closing)):
-            # The most common requests, a plain READ or WRITE in range, in fewer steps (the
-            # checks above are validate_request's own fast path); failures end as in _run.
-            ctx = self.ctx
-            assert ctx is not None
-            try:
-                if cmd is _READ:
-                    return self._read_reply(req.cookie, req.offset,
-                                            ctx.pread(req.length, req.offset), session)
-                if cmd is _WRITE and req.data is not None and self._writable:
-                    ctx.pwrite(req.data, req.offset, False)
-                    return simple_reply(req.cookie)
-            except PluginError as err:
-                log.error(str(err))
-                return self._error_reply(req, session, self._failed(req, err.errno)[1])
-        result, code = self._run(req, session)
-        if code:
-            return self._error_reply(req, session, code)
-        if req.cmd is Cmd.READ:
-            assert isinstance(result, bytes | memoryview)
-            return self._read_reply(req.cookie, req.offset, result, session)
-        if req.cmd is Cmd.BLOCK_STATUS:
-            assert isinstance(result, list) and session.base_allocation_id is not None
-            return block_status_reply(req.cookie, session.base_allocation_id, result)
-        return simple_reply(req.cookie)
-
-    def _handle_extended(self, req: Request, session: Session) -> Buffers:
-        """:meth:`_handle` once extended headers are negotiated: every reply is an extended
-        reply chunk echoing the request's offset, block status is BLOCK_STATUS_EXT."""
-        result, code = self._run(req, session)
-        cookie, offset = req.cookie, req.offset
-        if code:
-            return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags))
-        if req.cmd is Cmd.READ:
-            assert isinstance(result, bytes | memoryview)
-            return ext_read_reply(cookie, offset, result)
-        if req.cmd is Cmd.BLOCK_STATUS:
-            assert isinstance(result, list) and session.base_allocation_id is not None
-            return ext_block_status_reply(cookie, offset, session.base_allocation_id, result)
-        return [ext_reply(cookie, offset)]
-
-    @staticmethod
-    def _read_reply(cookie: int, offset: int, data: bytes | memoryview,
-                    session: Session) -> Buffers:
-        """A successful READ: one OFFSET_DATA chunk, or a simple reply and the data."""
-        if session.structured_replies:
-            return read_chunk_reply(cookie, offset, data)
-        return simple_reply(cookie, data=data)
-
-    @staticmethod
-    def _error_reply(req: Request, session: Session, code: int) -> Buffers:
-        error = nbd_error_for(code, req.flags)
-        if session.structured_replies and req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
-            return error_chunk_reply(req.cookie, error)
-        return simple_reply(req.cookie, error)
-
