@@ -1,43 +1,30 @@
-"""One client connection: drives the handshake machine, then the request loop.
+"""One client connection: the handshake (server/negotiation.py), then the request loop,
+which only reads, hands each request to server/requests.py and writes the replies.
 
 Thread per connection with a blocking socket.  All NBD parsing and encoding is in
-``luanbd.protocol``; plugin calls go through ``backend.context.BackendContext``, whose lock
-covers the plugin call only, so a client that stays silent in the handshake holds nothing.
+``luanbd.protocol``; backend calls go through ``backend.context.BackendContext``, whose lock
+covers the call only, so a client that stays silent in the handshake holds nothing.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-import time
 import traceback
 from typing import Any, Protocol
 
 from luanbd import log
 from luanbd.backend import current
-from luanbd.backend.chain import Chain, Context, bottom
-from luanbd.backend.context import BackendContext
+from luanbd.backend.chain import Chain, bottom
 from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
-from luanbd.protocol.constants import Cmd, CmdFlag, Opt, Rep, TransmissionFlag
+from luanbd.protocol.constants import Cmd
 from luanbd.protocol.errors import ProtocolViolation
-from luanbd.protocol.handshake import (
-    NEED_DATA,
-    AbortRequested,
-    ExportInfo,
-    ExportInfoRequested,
-    ExportListRequested,
-    ExportNameRequested,
-    HandshakeConfig,
-    ServerHandshake,
-    StartTlsRequested,
-    oldstyle_greeting,
-)
-from luanbd.protocol.replies import (
-    Buffers,
-)
+from luanbd.protocol.handshake import NEED_DATA, HandshakeConfig
+from luanbd.protocol.replies import Buffers
 from luanbd.protocol.transmission import Request, RequestParser, Session
+from luanbd.server.negotiation import Negotiation
 from luanbd.server.requests import RequestHandler
 from luanbd.server.transport import (
     MAX_BATCH,
@@ -62,16 +49,9 @@ class Shared(Protocol):
 
     def chain_for_connection(self) -> tuple[Chain, RequestLock]: ...
 
+
 #: Size of the receive buffer: holds many pipelined request headers or a good part of a write.
 RECV_SIZE = 256 * 1024
-#: The handshake's messages are small: a small buffer keeps idle connections cheap.
-HANDSHAKE_RECV_SIZE = 16 * 1024
-# Plain ints for the request flags: IntFlag arithmetic costs ~0.6 us per request.
-_FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
-    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
-#: With -v, requests that take at least this long (seconds) are logged with their timing.
-SLOW_REQUEST = 1.0
-_READ, _WRITE = Cmd.READ, Cmd.WRITE
 
 
 try:
@@ -79,9 +59,6 @@ try:
 except ImportError:  # installed without a C compiler: the Python loop serves everything
     _fastpath = None  # type: ignore[assignment]
 FASTPATH_BUILT = _fastpath is not None
-
-#: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
-_Result = bytes | memoryview | list[tuple[int, int]] | None
 
 
 class Connection:
@@ -92,22 +69,16 @@ class Connection:
         self.sock = sock
         self.number = number
         self.peer = peer
-        self.ctx: BackendContext | None = None
         #: This connection's chain: the shared one, or one with its own Lua state.
         self.chain: Chain = service.chain
         self.lock: RequestLock = service.locks.request_lock()
-        #: The first layer's context of this connection (set when it starts).
-        self.top: Context | None = None
-        self._buf = bytearray(HANDSHAKE_RECV_SIZE)
-        self._view = memoryview(self._buf)
+        self.negotiation: Negotiation | None = None
         #: nbdkit_disconnect was called: no more requests (read by the compiled loop too).
         self.closing = False
-        #: time.monotonic() by which the handshake must be over (None: --timeout=0).
-        self._deadline: float | None = None
         #: The export takes writes (not -r, can_write): set when transmission starts.
         self._writable = False
         #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
-        self._tls = False
+        self.tls = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -118,21 +89,15 @@ class Connection:
             # serialize_requests/parallel scripts get a Lua state of their own per
             # connection (plugin_for_connection); the others share one.
             self.chain, self.lock = self.service.chain_for_connection()
-            self.top = self.chain.connect()
             # A client gets --timeout to finish negotiating (greeting to NBD_OPT_GO): one
             # that connects and trickles or says nothing holds a thread, never a lock, and
-            # not forever.
-            timeout = self.service.config.handshake_timeout
-            self.sock.settimeout(timeout)
-            # A deadline for the whole handshake, not each read: a client that trickles one
-            # byte at a time must not keep its thread for ever.
-            self._deadline = time.monotonic() + timeout if timeout else None
+            # not forever.  The clock starts before serialize_connections may make it wait.
+            self.negotiation = Negotiation(self.service, self, self.chain,
+                                           self.chain.connect(), self.lock)
             with self.service.locks.connection():
-                self._preconnect()
-                if self.service.config.oldstyle:
-                    self._oldstyle()
-                else:
-                    self._newstyle()
+                negotiated = self.negotiation.negotiate()
+                if negotiated is not None:
+                    self._transmission(*negotiated)
         except ProtocolViolation as err:
             log.error(f"conn {self.number}: {err}")
         except TimeoutError:
@@ -149,7 +114,8 @@ class Connection:
             if log.verbose:
                 traceback.print_exc()
         finally:
-            self._close_export()
+            if self.negotiation is not None:
+                self.negotiation.close_export()
             if self.chain.plugin is not self.service.chain.plugin:  # its own Lua state
                 self.chain.plugin.cleanup()
                 self.chain.plugin.unload()
@@ -175,168 +141,27 @@ class Connection:
         except OSError:
             pass
 
-    def _top(self) -> Context:
-        assert self.top is not None, "connection not started"
-        return self.top
-
-    # --- I/O ----------------------------------------------------------------------------
-    def _recv(self) -> memoryview:
-        """Handshake reads (transmission receives straight into the request parser)."""
-        self._time_left()
-        n = self.sock.recv_into(self._buf)
-        if n == 0:
-            raise ClientGone
-        return self._view[:n]
-
-    def _time_left(self) -> None:
-        """Shorten the socket's timeout to what is left of the handshake's deadline."""
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            self.sock.settimeout(left)
-
-    def _send(self, data: bytes) -> None:
-        if data:
-            self.sock.sendall(data)
-
     def _send_buffers(self, buffers: Buffers) -> None:
-        send_buffers(self.sock, self._tls, buffers)
-
-    # --- handshake ----------------------------------------------------------------------
-    def _preconnect(self) -> None:
-        with self.lock:
-            self._top().preconnect(self.service.config.readonly)
-
-    def _oldstyle(self) -> None:
-        info = self._open_export(b"")
-        flags = info.flags | TransmissionFlag.HAS_FLAGS
-        flags &= ~TransmissionFlag.SEND_DF
-        self._send(oldstyle_greeting(info.size, flags))
-        self._transmission(Session(b"", info.size, flags, False, None), b"")
-
-    def _newstyle(self) -> None:
-        hs = ServerHandshake(self.service.handshake_config)
-        while not hs.finished:
-            event = hs.next_event()
-            if event is NEED_DATA:
-                self._send(hs.data_to_send())
-                hs.receive_data(self._recv())
-                continue
-            queued = hs.data_to_send()
-            if isinstance(event, AbortRequested):
-                self._send(queued)
-                log.debug(f"conn {self.number}: client sent NBD_OPT_ABORT")
-                return
-            if isinstance(event, ExportListRequested):
-                self._send(queued + self._list_reply(hs))
-            elif isinstance(event, ExportInfoRequested):
-                self._send(queued + self._info_reply(hs, event))
-            elif isinstance(event, ExportNameRequested):
-                self._send(queued)
-                info = self._open_export(event.export_name)
-                self._send(hs.export_name_reply(info))
-            elif isinstance(event, StartTlsRequested):
-                self._send(queued)
-                if hs.pending_input:
-                    # Never let plaintext sent after STARTTLS count as protected by TLS.
-                    raise ProtocolViolation("client sent data in plaintext after "
-                                            "NBD_OPT_STARTTLS")
-                self._start_tls()
-                hs.tls_established()
-        self._send(hs.data_to_send())
-        negotiated = hs.negotiated
-        if negotiated is None:
-            return
-        if log.verbose:
-            name = negotiated.export_name.decode("utf-8", "replace")
-            log.debug(f"conn {self.number}: export '{name}' size {negotiated.size} "
-                      f"flags 0x{int(negotiated.flags):x} ({negotiated.flags}), "
-                      f"structured replies {'on' if negotiated.structured_replies else 'off'}, "
-                      f"extended headers {'on' if negotiated.extended_headers else 'off'}, "
-                      f"base:allocation {'on' if negotiated.base_allocation_id else 'off'}, "
-                      f"TLS {'on' if self.info.is_tls else 'off'}")
-        self._transmission(Session.from_negotiated(negotiated), negotiated.trailing_data)
-
-    def _start_tls(self) -> None:
-        """The server side of the TLS handshake after NBD_OPT_STARTTLS was acknowledged."""
-        context = self.service.ssl_context
-        if context is None:
-            raise ProtocolViolation("STARTTLS accepted without a TLS context")
-        self._time_left()
-        try:
-            self.sock = context.wrap_socket(self.sock, server_side=True)
-        except ssl.SSLError as err:
-            raise ProtocolViolation(f"TLS handshake failed: {err.reason or err}") from None
-        self._tls = True
-        self.info.is_tls = True
-        log.debug(f"conn {self.number}: TLS established ({self.sock.version()})")
-
-    def _list_reply(self, hs: ServerHandshake) -> bytes:
-        service = self.service
-        try:
-            with self.lock:
-                exports = self._top().list_exports(service.config.readonly, self.info.is_tls)
-        except PluginError as err:
-            log.error(str(err))
-            return hs.option_error_reply(Rep.ERR_PLATFORM, "could not list exports")
-        return hs.export_list_reply([(name, desc or b"") for name, desc in exports])
-
-    def _info_reply(self, hs: ServerHandshake, event: ExportInfoRequested) -> bytes:
-        if self.service.stopping:
-            return hs.option_error_reply(Rep.ERR_SHUTDOWN, "server is shutting down")
-        self._close_export()  # a GO after an INFO opens afresh, as nbdkit does
-        try:
-            info = self._open_export(event.export_name)
-        except PluginError as err:
-            log.error(str(err))
-            return hs.option_error_reply(Rep.ERR_UNKNOWN, "could not open the export")
-        reply = hs.export_info_reply(info)
-        if event.option is Opt.INFO:  # INFO only looks: close it again
-            self._close_export()
-        return reply
-
-    def _open_export(self, name: bytes) -> ExportInfo:
-        service = self.service
-        readonly = service.config.readonly
-        canonical: bytes | None = name
-        if name == b"":
-            with self.lock:
-                canonical = self._top().default_export(readonly, self.info.is_tls)
-            if canonical is None:
-                raise PluginError("default_export", "the default export is not available")
-        self.info.export_name = canonical
-        ctx = BackendContext(self._top(), self.lock, readonly=readonly,
-                             thread_model=self.chain.thread_model)
-        caps = ctx.open()
-        self.ctx = ctx
-        return ExportInfo(size=caps.size, flags=caps.flags, name=canonical,
-                          description=caps.description, block_size=caps.block_size)
-
-    def _close_export(self) -> None:
-        ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            ctx.close()
+        send_buffers(self.sock, self.tls, buffers)
 
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
-        self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
-        self._deadline = None
         self._writable = not session.read_only
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended,
                                payload_buffer=writable_bytes)
-        ctx = self.ctx
+        assert self.negotiation is not None
+        ctx = self.negotiation.ctx
         assert ctx is not None
         handler = RequestHandler(ctx, session, self.number, self.service, self)
         handle = handler.handle_request
         recv_into = self.sock.recv_into
-        wait_all = 0 if self._tls else socket.MSG_WAITALL
+        wait_all = 0 if self.tls else socket.MSG_WAITALL
         # Big reply batches go to a writer thread (not with TLS: an SSL object must not be
         # used by two threads at once), so that the kernel's copy of one batch overlaps the
         # Lua work of the next.  Small ones are sent here: a thread hand-off costs more.
         writer = (Writer(self._send_buffers, self.sock, self.shutdown_read,
-                               f"conn-{self.number}-writer") if not self._tls else None)
+                               f"conn-{self.number}-writer") if not self.tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
         fast = self._fastpath_setup(session, handler)
@@ -397,8 +222,8 @@ class Connection:
         """The compiled loop's view of this connection (luanbd.server._fastpath), or None
         where the Python loop must do everything: TLS (an SSL object), extended headers,
         -v (request timing), a plugin that is not a Lua script."""
-        ctx = self.ctx
-        if (_fastpath is None or not self.service.config.fastpath or ctx is None or self._tls
+        ctx = self.negotiation.ctx if self.negotiation is not None else None
+        if (_fastpath is None or not self.service.config.fastpath or ctx is None or self.tls
                 or log.verbose or session.extended_headers):
             return None
         plugin = self.chain.compiled_calls()
