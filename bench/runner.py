@@ -444,9 +444,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--no-luajit", action="store_true", help="leave out the luanbd-luajit row")
     p.add_argument("--server", action="append", default=[], metavar="NAME=TEMPLATE",
                    help="one more server, as run-bench --server (repeatable)")
-    p.add_argument("--commit", metavar="REV",
+    p.add_argument("--commit", metavar="REV", action="append", default=[],
                    help="measure src/ of this commit (a git archive snapshot run with the "
-                        "venv's Python) instead of the working tree")
+                        "venv's Python) instead of the working tree; repeated, one row per "
+                        "commit (luanbd-SHA7), all in the same run")
     p.add_argument("--out", metavar="DIR",
                    help="result folder (default bench/results/YYYY-MM-DD, -2, -3... if taken)")
     p.add_argument("--run-bench", metavar="PATH",
@@ -478,12 +479,21 @@ def main(argv: list[str]) -> int:
 
     tmp = tempfile.mkdtemp(prefix="luanbd-bench.")
     try:
-        luanbd, code = luanbd_command(args.commit, tmp)
-        base = " ".join(shlex.quote(a) for a in luanbd)
-        servers = [f"luanbd={base} -f -U {{sock}} {{plugin}} size={{size}}"]
-        if not args.no_luajit:
-            servers.append(f"luanbd-luajit={base} --lua=luajit -f -U {{sock}} {{plugin}} "
-                           f"size={{size}}")
+        servers = []
+        codes = []
+        for commit in args.commit or [None]:
+            luanbd, code = luanbd_command(commit, tmp)
+            base = " ".join(shlex.quote(a) for a in luanbd)
+            name = "luanbd"
+            if len(args.commit) > 1:
+                name += "-" + (git("rev-parse", "--short=7", f"{commit}^{{commit}}") or "?")
+                code = f"{name}: {code}"
+            codes.append(code)
+            servers.append(f"{name}={base} -f -U {{sock}} {{plugin}} size={{size}}")
+            if not args.no_luajit:
+                servers.append(f"{name}-luajit={base} --lua=luajit -f -U {{sock}} {{plugin}} "
+                               f"size={{size}}")
+        code = "\n".join(codes)
         servers += args.server
         anchors = "all" if args.all_anchors else (args.anchors or DEFAULT_ANCHORS)
 

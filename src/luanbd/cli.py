@@ -426,6 +426,7 @@ def _connection_limit(limit: str | None, filters: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``luanbd`` command."""
+    from luanbd.lua import startup
     from luanbd.server import lifecycle
 
     argv = sys.argv[1:] if argv is None else argv
@@ -448,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(), flush=True)
         return 0
     if cmd.help:
-        return lifecycle.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}", SCRIPT_HELP)
+        return startup.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}", SCRIPT_HELP)
     assert cmd.config is not None
-    return lifecycle.run(cmd.config, dump_plugin=cmd.dump_plugin)
+    return lifecycle.run(cmd.config, startup.LuaStartup(cmd.config), dump_plugin=cmd.dump_plugin)
 
 
 def fastpath_state() -> str:

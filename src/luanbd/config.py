@@ -34,9 +34,22 @@ def plugin_dir() -> str:
     return os.environ.get(PLUGINDIR_ENV) or os.path.join(sys.prefix, "lib", "luanbd", "plugins")
 
 
+def _switch(variable: str) -> bool:
+    """An on/off switch whose source is the environment: ``VARIABLE=0`` turns it off (to
+    compare, or to rule it out), anything else or unset leaves it on."""
+    return os.environ.get(variable, "1") != "0"
+
+
 def _fastpath_from_env() -> bool:
-    """LUANBD_FASTPATH=0 turns the compiled request loop off (to compare, or to rule it out)."""
-    return os.environ.get("LUANBD_FASTPATH", "1") != "0"
+    return _switch("LUANBD_FASTPATH")
+
+
+def _lualib_from_env() -> bool:
+    return _switch("LUANBD_LUALIB")
+
+
+def _malloc_from_env() -> bool:
+    return _switch("LUANBD_MALLOC")
 
 
 class UsageError(Exception):
@@ -103,3 +116,7 @@ class ServerConfig:
     lua_gc: str | None = None
     #: Serve plain small READ/WRITE with the compiled request loop where it is built.
     fastpath: bool = field(default_factory=_fastpath_from_env)
+    #: Compiled Lua library functions (lua/lualib.py) in Lua 5.4 states (LUANBD_LUALIB).
+    lualib: bool = field(default_factory=_lualib_from_env)
+    #: glibc malloc settings for a server process (server/lifecycle.py, LUANBD_MALLOC).
+    tune_malloc: bool = field(default_factory=_malloc_from_env)

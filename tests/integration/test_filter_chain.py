@@ -95,8 +95,8 @@ def _plugin(tmp_path: Path) -> LuaPlugin:
 def served(tmp_path: Path) -> Iterator[Any]:
     def start(filters: list[Backend]) -> tuple[str, Service]:
         path = str(tmp_path / "socket")
-        service = Service(_plugin(tmp_path), ServerConfig(script="disk.lua", foreground=True),
-                          filters=filters)
+        service = Service(Chain(_plugin(tmp_path), filters),
+                          ServerConfig(script="disk.lua", foreground=True))
         listener = Listener([bind_unix(path)])
         listener.start(service.handle)
         started.append((listener, service))

@@ -17,8 +17,9 @@ import pytest
 
 PROGRAM = r"""
 import ctypes, sys, threading
+from luanbd.config import ServerConfig
 from luanbd.server.lifecycle import tune_malloc
-applied = tune_malloc()
+applied = tune_malloc(ServerConfig(script=""))
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

@@ -22,12 +22,20 @@ class ConnectionInfo:
 
 _local = threading.local()
 
-#: Set by the server: asks the whole server to shut down (nbdkit_shutdown).
-def _no_shutdown() -> None:
-    pass
+_shutdown: Callable[[], None] | None = None
 
 
-request_shutdown: Callable[[], None] = _no_shutdown
+def set_shutdown_handler(handler: Callable[[], None] | None) -> None:
+    """The running server registers how it is asked to stop (None: it stopped)."""
+    global _shutdown
+    _shutdown = handler
+
+
+def request_shutdown() -> None:
+    """nbdkit_shutdown: ask the whole server to shut down (nothing when none runs)."""
+    handler = _shutdown
+    if handler is not None:
+        handler()
 
 
 def set_connection(info: ConnectionInfo | None) -> None:

@@ -8,81 +8,45 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import signal
 import socket
-import ssl
 import sys
-import tempfile
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, Protocol
 
-from luanbd import __version__, log
-from luanbd.backend import current
-from luanbd.backend.interface import StartupError
-from luanbd.config import DEFAULT_PORT, ServerConfig, UsageError
+from luanbd import log
+from luanbd.backend.chain import Chain
+from luanbd.backend.interface import Plugin, StartupError
+from luanbd.config import ServerConfig, UsageError
 from luanbd.log import LogTo
-from luanbd.lua.plugin import CALLBACKS, LuaPlugin
 from luanbd.protocol.handshake import TlsMode
 from luanbd.server import captive, tls
-from luanbd.server.listener import (
-    BindError,
-    Listener,
-    activated_sockets,
-    bind_tcp,
-    bind_unix,
-    bind_vsock,
-)
-from luanbd.server.service import Service
+from luanbd.server.listener import BindError
+from luanbd.server.server import Server
 
-#: How long connections get to finish their in-flight request when the server stops.
-SHUTDOWN_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
-def load_plugin(config: ServerConfig) -> LuaPlugin:
-    """Load the script and pass it the configuration (not config_complete)."""
-    plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit,
-                       gc=config.lua_gc)
-    plugin.load()
-    magic = plugin.string_global("magic_config_key")
-    for key, value in config.params:
-        name = magic if key is None else key
-        if name is None:
-            raise UsageError(f"expecting key=value on the command line but got: {value}")
-        plugin.config(name, value)
-    return plugin
+class PluginStartup(Protocol):
+    """How the plugin at the chain's end is made and started (lua/startup.py for a script)."""
 
+    def load(self) -> Any:
+        """Loaded and configured (load, config...), not yet config_complete."""
 
-def print_plugin_facts(plugin: LuaPlugin) -> None:
-    """nbdkit-style ``key=value`` lines, then the script's own dump_plugin output."""
-    lines = [
-        f"path={os.path.abspath(plugin.script)}",
-        f"name={plugin.string_global('name') or 'lua'}",
-        f"version={plugin.string_global('version') or __version__}",
-        f"api_version={plugin.api_version}",
-        f"thread_model={plugin.thread_model}",
-        f"lua_version={plugin.lua_release}",
-        f"lua_runtime={plugin.lua_version}",
-    ]
-    lines += [f"has_{name}=1" for name in CALLBACKS if plugin.has(name)]
-    print("\n".join(lines), flush=True)
-    plugin.dump_plugin()
+    def ready(self, plugin: Any) -> None:
+        """config_complete, then get_ready."""
 
+    def after_fork(self, plugin: Any) -> None:
+        """Once listening (and daemonised): after_fork; clients are served from now on."""
 
-def print_help(script: str | None, usage: str, script_help: str) -> int:
-    print(usage)
-    print(script_help)
-    if script is not None:
-        try:
-            plugin = LuaPlugin(script)
-        except StartupError as err:
-            log.error(str(err))
-            return 1
-        text = plugin.string_global("config_help")
-        if text:
-            print(text)
-    return 0
+    def connection_plugin(self) -> Plugin:
+        """A fresh, started instance for one connection."""
+        ...
+
+    def dump_plugin(self, plugin: Any) -> None:
+        """--dump-plugin's output."""
 
 
 #: glibc mallopt() parameters (malloc.h).
@@ -93,20 +57,18 @@ MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20),
                    (_M_TRIM_THRESHOLD, 64 << 20))
 
 
-def tune_malloc() -> bool:
+def tune_malloc(config: ServerConfig) -> bool:
     """Keep glibc malloc from handing the server fresh (page-faulting) memory.
 
     Lua frees its garbage strings in bulk, in whichever thread runs the collector, and
     every connection is a new thread: with glibc's default of one arena per thread, a
-    connection's reply strings kept landing in memory first touched (3-8 us per 4 KiB page
-    here) and big blocks went to mmap/munmap.  One arena and fixed thresholds: nbdcopy
-    against ram.lua has no page faults after warm-up, and together with the compiled
-    table.concat takes 20 % less server CPU per request (bench/README.md).  Threads contend
-    little for the one arena: the GIL and the request lock already serialize most
-    allocation, and glibc's per-thread cache serves small blocks without it.
-    LUANBD_MALLOC=0 keeps glibc's defaults.  Returns True if applied.
+    connection's reply strings kept landing in memory first touched and big blocks went to
+    mmap/munmap (bench/README.md has the measurements).  Threads contend little for the one
+    arena: the GIL and the request lock already serialize most allocation, and glibc's
+    per-thread cache serves small blocks without it.  ``config.tune_malloc`` False
+    (LUANBD_MALLOC=0) keeps glibc's defaults.  Returns True if applied.
     """
-    if os.environ.get("LUANBD_MALLOC", "1") == "0":
+    if not config.tune_malloc:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -116,9 +78,9 @@ def tune_malloc() -> bool:
     return all(applied)
 
 
-def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
+def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = False) -> int:
     """Run the server (or ``--dump-plugin``) and return the exit status."""
-    tune_malloc()  # before the Lua state and any thread allocate
+    tune_malloc(config)  # before the Lua state and any thread allocate
     log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
     if config.log_to is not None:
         log.set_destination(config.log_to)
@@ -126,21 +88,23 @@ def run(config: ServerConfig, *, dump_plugin: bool = False) -> int:
     try:
         if config.tls is not TlsMode.OFF and not dump_plugin:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
-        plugin = load_plugin(config)
+        plugin = startup.load()
         if dump_plugin:
             # Output that cannot be written (a closed pipe, a full disk) is the command's
             # concern, for every informational option alike (luanbd/__main__.py).
-            print_plugin_facts(plugin)
+            startup.dump_plugin(plugin)
             return 0
-        plugin.config_complete()
-        plugin.get_ready()
+        startup.ready(plugin)
     except UsageError as err:
         log.usage_error(str(err))
         return 1
     except StartupError as err:
         log.error(str(err))
         return 1
-    return _serve(plugin, config, ssl_context)
+    # The filters of --filter: today only limit, which is config.connection_limit.
+    server = Server(Chain(plugin), config, ssl_context=ssl_context,
+                    connection_plugin=startup.connection_plugin)
+    return _serve(server, lambda: startup.after_fork(plugin))
 
 
 def _debug_flags_enable_debug(flags: tuple[str, ...]) -> bool:
@@ -157,57 +121,18 @@ def _debug_flags_enable_debug(flags: tuple[str, ...]) -> bool:
     return False
 
 
-def connection_plugin_factory(config: ServerConfig) -> LuaPlugin:
-    """A fresh Lua state for one connection of a serialize_requests/parallel script: the
-    script is loaded and configured again, so its globals are its own (docs/lua-plugins.md)."""
-    plugin = load_plugin(config)
-    plugin.config_complete()
-    plugin.get_ready()
-    plugin.after_fork()
-    plugin.serving(config.request_timeout)
-    return plugin
-
-
-def _serve(plugin: LuaPlugin, config: ServerConfig,
-           ssl_context: ssl.SSLContext | None = None) -> int:
-    service = Service(plugin, config, lambda: connection_plugin_factory(config))
-    service.ssl_context = ssl_context
-    current.request_shutdown = service.request_shutdown
-    private_dir: str | None = None
-    listener: Listener | None = None
-    endpoint: captive.Endpoint | None = None
+def _serve(server: Server, after_fork: Callable[[], None]) -> int:
+    config = server.config
     # Before anything a signal could interrupt: a SIGTERM sent as soon as the pidfile
     # exists must stop us cleanly, not kill us (nbdkit installs its handlers first too).
-    _install_signals(service)
+    _install_signals(server)
     # Daemonising changes directory to /: a relative pidfile means relative to here.
     pidfile = os.path.abspath(config.pidfile) if config.pidfile else None
     try:
-        if config.listen_fds:
-            listener = Listener(activated_sockets(config.listen_fds))
-        elif not config.single:
-            if config.private_socket or config.unix_socket:
-                if config.private_socket:
-                    private_dir = tempfile.mkdtemp(prefix="luanbd")
-                    path = os.path.join(private_dir, "socket")
-                else:
-                    assert config.unix_socket is not None
-                    path = os.path.abspath(config.unix_socket)
-                listener = Listener([bind_unix(path)])
-                endpoint = captive.Endpoint(unix_socket=path, export_name=config.export_name,
-                                            tls=config.tls)
-            elif config.vsock:
-                port = config.port or DEFAULT_PORT
-                listener = Listener([bind_vsock(port)])
-                endpoint = captive.Endpoint(port=port, export_name=config.export_name,
-                                            tls=config.tls, vsock=True)
-            else:
-                port = config.port or DEFAULT_PORT
-                listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
-                endpoint = captive.Endpoint(port=port, export_name=config.export_name,
-                                            tls=config.tls)
+        server.bind()
         _drop_privileges(config)
-        if config.print_uri and endpoint is not None:
-            print(endpoint.uri, flush=True)
+        if config.print_uri and server.endpoint is not None:
+            print(server.endpoint.uri, flush=True)
         ready = _daemonize(config) if not config.foreground else None
         if pidfile:
             try:
@@ -215,20 +140,17 @@ def _serve(plugin: LuaPlugin, config: ServerConfig,
                     f.write(f"{os.getpid()}\n")
             except OSError as err:
                 raise StartupError(f"{pidfile}: {err.strerror}") from None
-        plugin.after_fork()
-        plugin.serving(config.request_timeout)
+        after_fork()
         if ready is not None:
             os.write(ready, b"r")  # the waiting parent may exit now: we serve
             os.close(ready)
     except (BindError, StartupError, OSError) as err:
         log.error(str(err))
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
+        server.remove_private_dir()
         return 1
 
     if config.exit_with_parent:
         _exit_with_parent()
-    status = 0
     captive_thread: threading.Thread | None = None
     result: list[int] = []
     try:
@@ -238,49 +160,41 @@ def _serve(plugin: LuaPlugin, config: ServerConfig,
             except OSError as err:
                 log.error(f"-s: standard input is not a socket: {err.strerror}")
                 return 1
-            service.serve_here(sock)
+            server.serve_socket(sock)
         else:
-            assert listener is not None
-            listener.start(service.handle)
+            server.start()
             if config.run is not None:
+                endpoint = server.endpoint
                 assert endpoint is not None
 
                 def run_captive() -> None:
-                    assert endpoint is not None
                     result.append(captive.run_command(config.run or "", endpoint))
-                    service.request_shutdown()
+                    server.request_shutdown()
 
                 captive_thread = threading.Thread(target=run_captive, name="captive",
                                                   daemon=True)
                 captive_thread.start()
-            service.wait_for_stop()
+            server.wait()
     finally:
-        if listener is not None:
-            listener.close()
-        finished = service.shutdown_connections(SHUTDOWN_TIMEOUT)
-        if finished:
-            plugin.cleanup()
-            plugin.unload()
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
+        server.stop()
     if captive_thread is not None:
         # Stopped early (signal, nbdkit.shutdown()): the command still decides the status.
         captive_thread.join()
-        status = result[0] if result else 1
-    return status
+        return result[0] if result else 1
+    return 0
 
 
-def _install_signals(service: Service) -> None:
+def _install_signals(server: Server) -> None:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.debug(f"received signal {signal.Signals(signum).name}")
-        service.request_shutdown()
+        server.request_shutdown()
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, on_signal)
         # The kernel may deliver a signal to any thread; the wake-up fd makes sure the main
         # thread, waiting in wait_for_stop(), notices it at once.
-        signal.set_wakeup_fd(service.wakeup_fd)
+        signal.set_wakeup_fd(server.service.wakeup_fd)
 
 
 def _drop_privileges(config: ServerConfig) -> None:

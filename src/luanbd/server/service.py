@@ -10,10 +10,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from luanbd import log
-from luanbd.backend.chain import Backend, Chain
+from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, ThreadModel
 from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
@@ -30,12 +30,10 @@ REFUSED_LOG_INTERVAL = 10.0
 class Service:
     """Accepted sockets become :class:`Connection` threads; shutdown stops them in order."""
 
-    def __init__(self, plugin: Plugin, config: ServerConfig,
-                 plugin_factory: Callable[[], Plugin] | None = None,
-                 filters: Sequence[Backend] = ()) -> None:
-        self.plugin = plugin
-        #: What every request goes through: ``filters``, then the plugin.
-        self.chain = Chain(plugin, filters)
+    def __init__(self, chain: Chain, config: ServerConfig,
+                 plugin_factory: Callable[[], Plugin] | None = None) -> None:
+        #: What every request goes through: the filters, then the plugin.
+        self.chain = chain
         self.config = config
         self.locks = Locks(self.chain.thread_model)
         #: The lock of the shared chain: for serialize_connections/all_requests it is the
