@@ -5,41 +5,87 @@ Feed client bytes with :meth:`ServerHandshake.receive_data`, then call
 answer alone (STRUCTURED_REPLY, meta contexts, unknown options, refusals) are answered into
 the outbox; the rest come out as events that the caller answers with one of the ``*_reply``
 methods.  Whatever is to be sent is collected by :meth:`data_to_send`.  No sockets here.
+
+This module holds the states and the server's policy.  The rest is beside it: the events in
+:mod:`~luanbd.protocol.events`, the framing of option requests in
+:mod:`~luanbd.protocol.option_reader`, the wire format of options and their replies in
+:mod:`~luanbd.protocol.options`, that of metadata contexts in
+:mod:`~luanbd.protocol.meta_context`.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from luanbd.protocol.constants import (
-    BASE_ALLOCATION,
     BASE_ALLOCATION_ID,
     CLIENT_FLAGS,
-    EXPORT_NAME_REPLY,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
-    MAX_OPTIONS,
-    MAX_SKIP_LENGTH,
-    MAX_STRING,
     NBDMAGIC,
     NEWSTYLE_GREETING,
     OLDSTYLE_GREETING,
     OLDSTYLE_MAGIC,
-    OPTION_HEADER,
-    OPTION_REPLY_HEADER,
-    OPTION_REPLY_MAGIC,
     ZERO_PAD,
     ClientFlag,
     HandshakeFlag,
-    Info,
     Opt,
     Rep,
     TransmissionFlag,
 )
 from luanbd.protocol.errors import OptionError, ProtocolViolation
+from luanbd.protocol.events import (
+    NEED_DATA,
+    AbortRequested,
+    ExportInfoRequested,
+    ExportListRequested,
+    ExportNameRequested,
+    HandshakeEvent,
+    StartTlsRequested,
+    _NeedData,
+)
+from luanbd.protocol.meta_context import (
+    lists_base_allocation,
+    meta_context_replies,
+    parse_meta_context_request,
+    selects_base_allocation,
+)
+from luanbd.protocol.option_reader import OptionReader
+from luanbd.protocol.options import (
+    ExportInfo,
+    error_reply,
+    export_name_answer,
+    info_replies,
+    option_name,
+    option_reply,
+    parse_export_name,
+    parse_info_request,
+    server_replies,
+)
+
+# The events, ExportInfo and option_reply were defined here before events.py and
+# options.py: importers keep importing them from here (transmission.py and the fuzz
+# harnesses take _NeedData too).
+__all__ = [
+    "NEED_DATA",
+    "AbortRequested",
+    "ExportInfo",
+    "ExportInfoRequested",
+    "ExportListRequested",
+    "ExportNameRequested",
+    "HandshakeConfig",
+    "HandshakeEvent",
+    "Negotiated",
+    "ServerHandshake",
+    "StartTlsRequested",
+    "TlsMode",
+    "_NeedData",
+    "newstyle_greeting",
+    "oldstyle_greeting",
+    "option_reply",
+]
 
 
 class TlsMode(enum.Enum):
@@ -71,15 +117,6 @@ class _State(enum.Enum):
     CLOSED = enum.auto()
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by :meth:`ServerHandshake.next_event` when more client bytes are needed.
-NEED_DATA = _NeedData()
-
-
 @dataclass(frozen=True, slots=True)
 class HandshakeConfig:
     """What the server offers during negotiation."""
@@ -93,62 +130,6 @@ class HandshakeConfig:
     #: False refuses meta context negotiation (nbdkit ``--no-mc``).
     meta_contexts: bool = True
     tls: TlsMode = TlsMode.OFF
-
-
-@dataclass(frozen=True, slots=True)
-class ExportNameRequested:
-    """NBD_OPT_EXPORT_NAME: answer with :meth:`ServerHandshake.export_name_reply` or close."""
-
-    export_name: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ExportInfoRequested:
-    """NBD_OPT_INFO or NBD_OPT_GO: answer with ``export_info_reply`` or ``option_error_reply``."""
-
-    option: Opt
-    export_name: bytes
-    info_requests: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ExportListRequested:
-    """NBD_OPT_LIST: answer with ``export_list_reply`` or ``option_error_reply``."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartTlsRequested:
-    """NBD_OPT_STARTTLS was acknowledged (already in the outbox): send it, run the TLS
-    handshake, then call :meth:`ServerHandshake.tls_established`."""
-
-
-@dataclass(frozen=True, slots=True)
-class AbortRequested:
-    """NBD_OPT_ABORT: the ACK is in the outbox; send it and close."""
-
-
-HandshakeEvent = (
-    ExportNameRequested
-    | ExportInfoRequested
-    | ExportListRequested
-    | StartTlsRequested
-    | AbortRequested
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ExportInfo:
-    """What the caller knows about an opened export, to answer INFO/GO/EXPORT_NAME."""
-
-    size: int
-    #: Transmission flags from the backend's capabilities; SEND_DF is added here when
-    #: structured replies were negotiated, since only then can the server honour DF.
-    flags: TransmissionFlag
-    #: Canonical name (NBD_INFO_NAME), e.g. what "" resolves to; None if not known.
-    name: bytes | None = None
-    description: bytes | None = None
-    #: (minimum, preferred, maximum) for NBD_INFO_BLOCK_SIZE, or None.
-    block_size: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,20 +158,26 @@ def oldstyle_greeting(size: int, flags: TransmissionFlag) -> bytes:
     return OLDSTYLE_GREETING.pack(NBDMAGIC, OLDSTYLE_MAGIC, size, int(flags)) + bytes(ZERO_PAD)
 
 
-def option_reply(option: int, reply: Rep, payload: bytes = b"") -> bytes:
-    """One option reply (header plus payload)."""
-    return OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload
-
-
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
 #: Options whose payload we buffer and parse; every other option is skipped unread.
 _PARSED_OPTIONS = frozenset(
     {Opt.EXPORT_NAME, Opt.LIST, Opt.STARTTLS, Opt.INFO, Opt.GO, Opt.STRUCTURED_REPLY,
      Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT, Opt.ABORT, Opt.EXTENDED_HEADERS}
 )
+
+
+def _refuse_unread(option: int, length: int, tls_required: bool) -> tuple[Rep, str] | None:
+    """Why an option is refused before its payload is read, or None (ABORT never is)."""
+    if tls_required and option == Opt.EXPORT_NAME:
+        raise ProtocolViolation("NBD_OPT_EXPORT_NAME before TLS was negotiated")
+    if tls_required and option != Opt.STARTTLS:
+        return (Rep.ERR_TLS_REQD, "TLS is required")
+    if option not in _PARSED_OPTIONS:
+        return (Rep.ERR_UNSUP, f"unsupported option {option_name(option)}")
+    if length > MAX_OPTION_LENGTH:
+        if option == Opt.EXPORT_NAME:
+            raise ProtocolViolation(f"export name too long ({length} bytes)")
+        return (Rep.ERR_TOO_BIG, "option too large")
+    return None
 
 
 class ServerHandshake:
@@ -199,12 +186,11 @@ class ServerHandshake:
     def __init__(self, config: HandshakeConfig | None = None) -> None:
         self.config = config or HandshakeConfig()
         self._state = _State.CLIENT_FLAGS
-        self._buffer = bytearray()
+        self._reader = OptionReader(self._refusal)
+        #: The client's bytes not processed yet: the reader's own bytearray, so it is only
+        #: ever changed in place.
+        self._buffer = self._reader.buffer
         self._outbox: list[bytes] = [newstyle_greeting(self.config.handshake_flags)]
-        self._skip = 0
-        self._skip_reply: tuple[int, Rep, str] | None = None
-        self._options_seen = 0
-        self._option_limit = MAX_OPTIONS
         self.client_flags = ClientFlag(0)
         self.tls_active = False
         self._reset_negotiated_state()
@@ -270,9 +256,8 @@ class ServerHandshake:
         """Answer NBD_OPT_EXPORT_NAME with the export: negotiation ends."""
         pending = self._take_pending(ExportNameRequested)
         flags = self._final_flags(info.flags)
-        data = EXPORT_NAME_REPLY.pack(info.size, flags)
-        if not self.client_flags & ClientFlag.NO_ZEROES:
-            data += bytes(ZERO_PAD)
+        data = export_name_answer(info.size, flags,
+                                  zeroes=not self.client_flags & ClientFlag.NO_ZEROES)
         self._finish(pending.export_name, info.size, flags)
         return data
 
@@ -280,36 +265,20 @@ class ServerHandshake:
         """Answer NBD_OPT_INFO / NBD_OPT_GO; GO ends negotiation."""
         pending = self._take_pending(ExportInfoRequested)
         flags = self._final_flags(info.flags)
-        parts = [option_reply(pending.option, Rep.INFO,
-                              _INFO_EXPORT.pack(Info.EXPORT, info.size, flags))]
-        requested = set(pending.info_requests)
-        if Info.NAME in requested and info.name is not None:
-            parts.append(option_reply(pending.option, Rep.INFO, _U16.pack(Info.NAME) + info.name))
-        if Info.DESCRIPTION in requested and info.description is not None:
-            parts.append(option_reply(pending.option, Rep.INFO,
-                                      _U16.pack(Info.DESCRIPTION) + info.description))
-        if Info.BLOCK_SIZE in requested and info.block_size is not None:
-            parts.append(option_reply(pending.option, Rep.INFO,
-                                      _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, *info.block_size)))
-        parts.append(option_reply(pending.option, Rep.ACK))
+        data = info_replies(pending.option, info, flags, pending.info_requests)
         if pending.option is Opt.GO:
             self._finish(pending.export_name, info.size, flags)
         else:
             self._state = _State.OPTIONS
-        return b"".join(parts)
+        return data
 
     def export_list_reply(self, exports: list[tuple[bytes, bytes]]) -> bytes:
         """Answer NBD_OPT_LIST with (name, description) pairs."""
         self._take_pending(ExportListRequested)
-        parts = [
-            option_reply(Opt.LIST, Rep.SERVER, _U32.pack(len(name)) + name + description)
-            for name, description in exports
-        ]
-        parts.append(option_reply(Opt.LIST, Rep.ACK))
         # nbdkit: a client may reasonably ask INFO about each export it was told of.
-        self._option_limit += len(exports)
+        self._reader.option_limit += len(exports)
         self._state = _State.OPTIONS
-        return b"".join(parts)
+        return server_replies(exports)
 
     def option_error_reply(self, reply: Rep, message: str = "") -> bytes:
         """Refuse the pending option; negotiation goes on (EXPORT_NAME cannot be refused)."""
@@ -319,7 +288,7 @@ class ServerHandshake:
         option = pending.option if isinstance(pending, ExportInfoRequested) else Opt.LIST
         self._pending = None
         self._state = _State.OPTIONS
-        return option_reply(option, reply, message.encode())
+        return error_reply(option, reply, message)
 
     @property
     def pending_input(self) -> int:
@@ -375,86 +344,32 @@ class ServerHandshake:
         if raw & ~offered & 0xFFFFFFFF:
             raise ProtocolViolation(f"client requested unexpected flags 0x{raw:x}")
         self.client_flags = ClientFlag(raw)
+        self._reader.fixed_newstyle = bool(self.client_flags & ClientFlag.FIXED_NEWSTYLE)
         self._state = _State.OPTIONS
 
     def _read_option(self) -> HandshakeEvent | _NeedData | None:
         """Read one option; None means it was answered here (look at the outbox)."""
-        if self._skip:
-            taken = min(self._skip, len(self._buffer))
-            del self._buffer[:taken]
-            self._skip -= taken
-            if self._skip:
-                return NEED_DATA
-            assert self._skip_reply is not None
-            option, reply, message = self._skip_reply
-            self._skip_reply = None
-            self._outbox.append(option_reply(option, reply, message.encode()))
+        read = self._reader.next_option()
+        if isinstance(read, _NeedData):
+            return read
+        if isinstance(read, bytes):  # the refusal of an option skipped unread
+            self._outbox.append(read)
             return None
-        if len(self._buffer) < OPTION_HEADER.size:
-            return NEED_DATA
-        magic, option, length = OPTION_HEADER.unpack_from(self._buffer)
-        if magic != IHAVEOPT:
-            raise ProtocolViolation(f"unknown option version (0x{magic:x})")
-        fixed = bool(self.client_flags & ClientFlag.FIXED_NEWSTYLE)
-        if not fixed and option != Opt.EXPORT_NAME:
-            # Without fixed newstyle there is no way to refuse an option: only close.
-            raise ProtocolViolation(f"option {_opt_name(option)} needs fixed newstyle")
-        if option == Opt.ABORT:
-            # Whatever payload follows is irrelevant: we acknowledge and close.
-            del self._buffer[:]
-            return self._opt_abort(b"")
-        tls_required = self.config.tls is TlsMode.REQUIRE and not self.tls_active
-        if tls_required and option == Opt.EXPORT_NAME:
-            raise ProtocolViolation("NBD_OPT_EXPORT_NAME before TLS was negotiated")
-        refusal: tuple[Rep, str] | None = None
-        if tls_required and option != Opt.STARTTLS:
-            refusal = (Rep.ERR_TLS_REQD, "TLS is required")
-        elif option not in _PARSED_OPTIONS:
-            refusal = (Rep.ERR_UNSUP, f"unsupported option {_opt_name(option)}")
-        elif length > MAX_OPTION_LENGTH:
-            if option == Opt.EXPORT_NAME:
-                raise ProtocolViolation(f"export name too long ({length} bytes)")
-            refusal = (Rep.ERR_TOO_BIG, "option too large")
-        if refusal is None and len(self._buffer) < OPTION_HEADER.size + length:
-            return NEED_DATA  # counted below once it is complete, however it arrives
-        self._options_seen += 1
-        if self._options_seen > self._option_limit:
-            raise ProtocolViolation("client spent too much time negotiating without "
-                                    "selecting an export")
-        if refusal is not None:
-            if length > MAX_SKIP_LENGTH:
-                raise ProtocolViolation(f"option {_opt_name(option)} payload too long "
-                                        f"({length} bytes)")
-            del self._buffer[: OPTION_HEADER.size]
-            self._skip_then_reply(option, length, *refusal)
-            return None
-        end = OPTION_HEADER.size + length
-        payload = bytes(self._buffer[OPTION_HEADER.size:end])
-        del self._buffer[:end]
+        option, payload = read
         opt = Opt(option)
         try:
             return self._dispatch[opt](self, payload)
         except OptionError as err:
-            self._outbox.append(option_reply(opt, err.reply, str(err).encode()))
+            self._outbox.append(error_reply(opt, err.reply, str(err)))
             return None
 
-    def _skip_then_reply(self, option: int, length: int, reply: Rep, message: str) -> None:
-        self._skip = length
-        self._skip_reply = (option, reply, message)
-        if not length:
-            self._skip = 0
-            self._outbox.append(option_reply(option, reply, message.encode()))
-            self._skip_reply = None
+    def _refusal(self, option: int, length: int) -> tuple[Rep, str] | None:
+        tls_required = self.config.tls is TlsMode.REQUIRE and not self.tls_active
+        return _refuse_unread(option, length, tls_required)
 
     # One handler per option (dict dispatch, h2 style); each returns an event or None.
     def _opt_export_name(self, payload: bytes) -> HandshakeEvent | None:
-        if len(payload) > MAX_STRING:
-            raise ProtocolViolation(f"export name too long ({len(payload)} bytes)")
-        if b"\0" in payload:
-            # INFO/GO refuse such a name with ERR_INVALID; EXPORT_NAME cannot be refused,
-            # only closed (nbdkit would cut the name at the NUL, a different export).
-            raise ProtocolViolation("NBD_OPT_EXPORT_NAME: export name contains a NUL byte")
-        return ExportNameRequested(payload)
+        return ExportNameRequested(parse_export_name(payload))
 
     def _opt_abort(self, payload: bytes) -> HandshakeEvent | None:
         self._outbox.append(option_reply(Opt.ABORT, Rep.ACK))
@@ -481,25 +396,11 @@ class ServerHandshake:
         self._pending = StartTlsRequested()
         return StartTlsRequested()
 
-    def _opt_info_or_go(self, opt: Opt, payload: bytes) -> HandshakeEvent | None:
-        if len(payload) < 6:
-            raise OptionError(Rep.ERR_INVALID, f"{opt}: option too short")
-        (name_length,) = _U32.unpack_from(payload)
-        if name_length > len(payload) - 6:
-            raise OptionError(Rep.ERR_INVALID, f"{opt}: name length is incorrect")
-        name = payload[4:4 + name_length]
-        (count,) = _U16.unpack_from(payload, 4 + name_length)
-        if len(payload) != 6 + name_length + 2 * count:
-            raise OptionError(Rep.ERR_INVALID, f"{opt}: length is inconsistent")
-        _check_name(name)
-        requests = struct.unpack_from(f">{count}H", payload, 6 + name_length)
-        return ExportInfoRequested(opt, name, tuple(requests))
-
     def _opt_info(self, payload: bytes) -> HandshakeEvent | None:
-        return self._opt_info_or_go(Opt.INFO, payload)
+        return ExportInfoRequested(Opt.INFO, *parse_info_request(Opt.INFO, payload))
 
     def _opt_go(self, payload: bytes) -> HandshakeEvent | None:
-        return self._opt_info_or_go(Opt.GO, payload)
+        return ExportInfoRequested(Opt.GO, *parse_info_request(Opt.GO, payload))
 
     def _opt_structured_reply(self, payload: bytes) -> HandshakeEvent | None:
         if payload:
@@ -534,37 +435,13 @@ class ServerHandshake:
         if not self.structured_replies:
             raise OptionError(Rep.ERR_INVALID,
                               f"{opt} needs structured replies to be negotiated first")
-        try:
-            (name_length,) = _U32.unpack_from(payload)
-            name = payload[4:4 + name_length]
-            if len(name) != name_length:
-                raise struct.error
-            offset = 4 + name_length
-            (count,) = _U32.unpack_from(payload, offset)
-            offset += 4
-            queries = []
-            for _ in range(count):
-                (query_length,) = _U32.unpack_from(payload, offset)
-                offset += 4
-                query = payload[offset:offset + query_length]
-                if len(query) != query_length or query_length > MAX_STRING:
-                    raise struct.error
-                offset += query_length
-                queries.append(query)
-        except struct.error:
-            raise OptionError(Rep.ERR_INVALID, f"{opt}: invalid payload") from None
-        if offset != len(payload):
-            raise OptionError(Rep.ERR_INVALID, f"{opt}: length is inconsistent")
-        _check_name(name)
-        return name, queries
+        return parse_meta_context_request(opt, payload)
 
     def _opt_list_meta_context(self, payload: bytes) -> HandshakeEvent | None:
         _, queries = self._meta_queries(Opt.LIST_META_CONTEXT, payload)
-        # No query means "list all"; "base:" means every context in the base namespace.
-        if not queries or any(q in (b"base:", BASE_ALLOCATION) for q in queries):
-            self._outbox.append(option_reply(Opt.LIST_META_CONTEXT, Rep.META_CONTEXT,
-                                             _U32.pack(0) + BASE_ALLOCATION))
-        self._outbox.append(option_reply(Opt.LIST_META_CONTEXT, Rep.ACK))
+        # Ids are only assigned by SET: LIST sends 0.
+        context_id = 0 if lists_base_allocation(queries) else None
+        self._outbox.append(meta_context_replies(Opt.LIST_META_CONTEXT, context_id))
         return None
 
     def _opt_set_meta_context(self, payload: bytes) -> HandshakeEvent | None:
@@ -574,11 +451,9 @@ class ServerHandshake:
         name, queries = self._meta_queries(Opt.SET_META_CONTEXT, payload)
         # Each SET replaces the previous selection; unknown contexts are ignored (proto.md).
         self._meta_export = name
-        self._meta_selected = BASE_ALLOCATION in queries
-        if self._meta_selected:
-            self._outbox.append(option_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT,
-                                             _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION))
-        self._outbox.append(option_reply(Opt.SET_META_CONTEXT, Rep.ACK))
+        self._meta_selected = selects_base_allocation(queries)
+        context_id = BASE_ALLOCATION_ID if self._meta_selected else None
+        self._outbox.append(meta_context_replies(Opt.SET_META_CONTEXT, context_id))
         return None
 
     _dispatch = {
@@ -593,17 +468,3 @@ class ServerHandshake:
         Opt.SET_META_CONTEXT: _opt_set_meta_context,
         Opt.EXTENDED_HEADERS: _opt_extended_headers,
     }
-
-
-def _check_name(name: bytes) -> None:
-    if len(name) > MAX_STRING:
-        raise OptionError(Rep.ERR_INVALID, f"export name too long ({len(name)} > {MAX_STRING})")
-    if b"\0" in name:
-        raise OptionError(Rep.ERR_INVALID, "export name contains a NUL byte")
-
-
-def _opt_name(option: int) -> str:
-    try:
-        return str(Opt(option))
-    except ValueError:
-        return f"option {option}"
