@@ -81,16 +81,7 @@ RULES: dict[str, Callable[[Path, Path], list[tuple[int, str]]]] = {
 }
 
 
-#: The other half of issue 12 moves Lua start-up out of server/lifecycle.py.  Only a failed
-#: assertion is the expected failure: a file that cannot be read or parsed is an error.
-_LIFECYCLE = pytest.mark.xfail(reason="server/lifecycle.py still builds the LuaPlugin "
-                                      "(issue 12: start-up moves out of server/)", strict=False,
-                               raises=AssertionError)
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=_LIFECYCLE) if p.name == "lifecycle.py"
-                                  else p for p in _files("server")],
-                         ids=[p.name for p in _files("server")])
+@pytest.mark.parametrize("path", _files("server"), ids=[p.name for p in _files("server")])
 def test_server_never_imports_lua(path: Path) -> None:
     assert not RULES["server"](path, ROOT), f"server/{path.name} imports Lua"
 
