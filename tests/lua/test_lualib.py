@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from luanbd.lua import lualib
-from luanbd.lua.plugin import LUA_MODULES, LuaPlugin
+from luanbd.lua.plugin import LuaPlugin
+from luanbd.lua.runtime import LUA_MODULES
 
 lupa54: ModuleType = pytest.importorskip("lupa.lua54")
 

@@ -1,6 +1,6 @@
 -- The Lua half of luanbd's binding, run in every plugin's Lua state before the script.
 -- It builds the global `nbdkit` table and returns the function through which every callback
--- is called.  `py` holds the few primitives that must be done in Python.
+-- is called.  `py` holds the few primitives that must be done in Python (nbdkit_table.py).
 local py = ...
 local type, tostring, pcall, error, select = type, tostring, pcall, error, select
 local getmetatable, format, floor = getmetatable, string.format, math.floor

@@ -1,0 +1,215 @@
+"""LuaScript: an nbdkit-style Lua script loaded into its own Lua state.
+
+The script runs in one lupa ``LuaRuntime`` (Lua 5.4 unless asked otherwise).  Loading
+follows nbdkit's ``plugins/lua/lua.c``: a first line starting with ``#`` is skipped but
+counted, and the chunk is named after the path as given, so errors read ``plugin.lua:12:``.
+Every callback goes through the wrapper of ``nbdkit.lua`` (luanbd.lua.nbdkit_table), which
+turns a Lua error into (message, errno) so that it becomes one PluginError, never a Python
+traceback.
+
+Scripts without ``API_VERSION = 2`` get exactly the 2018 seed API (nbdkit-lua-plugin(3)):
+only its callbacks are looked up.  With it, every nbdkit-plugin(3) callback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from luanbd.backend.interface import PluginError, StartupError, ThreadModel
+from luanbd.lua import lualib, nbdkit_table, runtime
+from luanbd.lua.pinning import Pinning
+from luanbd.lua.results import first, text, unwrap, values
+from luanbd.lua.runtime import LUA_MODULES
+
+#: Every callback name a script may define (for --dump-plugin ``has_*`` lines).
+CALLBACKS = (
+    "load", "unload", "dump_plugin", "config", "config_complete", "thread_model",
+    "get_ready", "after_fork", "cleanup", "preconnect", "list_exports", "default_export",
+    "open", "close", "export_description", "get_size", "block_size", "can_write",
+    "can_flush", "is_rotational", "can_trim", "can_zero", "can_fast_zero", "can_extents",
+    "can_fua", "can_multi_conn", "can_cache", "pread", "pwrite", "flush", "trim", "zero",
+    "cache", "extents",
+)
+#: The callbacks of the seed (API 1); others are ignored by API 1 scripts, as in nbdkit.
+SEED_CALLBACKS = frozenset({
+    "dump_plugin", "config", "config_complete", "open", "close", "get_size", "can_write",
+    "can_flush", "is_rotational", "can_trim", "pread", "pwrite", "flush", "trim", "zero",
+})
+REQUIRED = ("open", "get_size", "pread")
+#: Under --lua-memory-limit, payloads bigger than this are checked against the room left.
+MEMORY_CHECK = 4096
+#: Room kept free for the call itself (frames, the string's header) under that limit.
+MEMORY_MARGIN = 256 * 1024
+#: --lua-gc choices (Lua 5.4's collectgarbage modes).
+GC_MODES = ("incremental", "generational")
+
+
+class LuaScript:
+    """One Lua script loaded into one Lua state: its callbacks, API version and thread
+    model, and calling a callback by name."""
+
+    def __init__(self, script: str, *, lua: str = "5.4",
+                 memory_limit: int | None = None, gc: str | None = None) -> None:
+        self.script = script
+        self.lua_name = lua
+        try:
+            module = runtime.import_module(lua)
+        except (KeyError, ImportError):
+            raise StartupError(f"--lua={lua}: this Lua runtime is not available "
+                               f"(choose from {', '.join(LUA_MODULES)})") from None
+        self._lupa = module
+        # unpack_returned_tuples: a Python primitive's (nil, message) reaches Lua as two
+        # values, which is how nbdkit.lua tells failure from success.
+        self.runtime = module.LuaRuntime(encoding=None, register_eval=False,
+                                         register_builtins=False,
+                                         unpack_returned_tuples=True,
+                                         # --lua-memory-limit: allocations past it fail
+                                         # with Lua's "not enough memory" (ENOMEM).
+                                         max_memory=memory_limit or None)
+        self._memory_limit = memory_limit or 0
+        self.g = self.runtime.globals()
+        # lupa's `python` table is of no use to an nbdkit script and would let it reach
+        # Python objects: scripts see plain Lua plus the `nbdkit` table.
+        self.g[b"python"] = None
+        self.g.package.loaded[b"python"] = None
+        # Before the script: its `local concat = table.concat` must get the faster one.
+        self.lualib = lualib.install(self.g, module)
+        # Lua's own `load` is a global too: only a script's redefinition is the callback.
+        self._builtin_load = self.g.load
+        # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.
+        self._load_string = self.g.loadstring or self.g.load
+        self._call, self._control = nbdkit_table.install(self.runtime, self._load_string)
+        # Probed on the fresh state, before the script has allocated anything.
+        self._pinning = Pinning.probe(self._control, self.lua_version)
+        if gc is not None:
+            self._set_gc_mode(gc)
+        self._load_script()
+        self.api_version = self._read_api_version()
+        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
+        self.fn: dict[str, Any] = {}
+        self.resolve_callbacks()
+
+    # --- loading ------------------------------------------------------------------------
+    def _set_gc_mode(self, mode: str) -> None:
+        """--lua-gc: Lua 5.4's collector mode, before the script allocates anything."""
+        if mode not in GC_MODES:
+            raise StartupError(f"--lua-gc={mode}: choose from {', '.join(GC_MODES)}")
+        try:
+            self.g.collectgarbage(mode.encode())
+        except self._lupa.LuaError:
+            # Lua before 5.4 and LuaJIT know neither mode by name.
+            raise StartupError(f"--lua-gc={mode}: needs Lua 5.4 or later (--lua=5.4)") from None
+
+    def _load_script(self) -> None:
+        try:
+            with open(self.script, "rb") as f:
+                source = f.read()
+        except OSError as err:
+            raise StartupError(f"could not parse Lua script cannot open {self.script}: "
+                               f"{err.strerror}") from None
+        if source.startswith(b"#"):
+            # Skip the shebang line but keep its newline so line numbers stay right.
+            newline = source.find(b"\n")
+            source = b"" if newline < 0 else source[newline:]
+        result = self._load_string(source, b"@" + os.fsencode(self.script))
+        if isinstance(result, tuple):
+            raise StartupError(f"could not parse Lua script {text(result[1])}")
+        ok, *rest = values(self._call(result))
+        if not ok:
+            raise StartupError(f"could not run Lua script: {text(rest[0])}")
+        for name in REQUIRED:
+            if self._lua_type(self.g[name.encode()]) != "function":
+                raise StartupError(
+                    f"{self.script}: one of the required callbacks 'open', 'get_size' or "
+                    f"'pread' is not defined by this Lua script.  nbdkit requires these "
+                    f"callbacks.")
+
+    def _read_api_version(self) -> int:
+        value = self.g[b"API_VERSION"]
+        if value is None:
+            return 1
+        if value in (1, 2) and not isinstance(value, bool):
+            return int(value)
+        raise StartupError(f"{self.script}: API_VERSION must be 1 or 2, not {text(value)}")
+
+    def _lua_type(self, value: Any) -> str:
+        return str(self._lupa.lua_type(value)) if value is not None else "nil"
+
+    def resolve_callbacks(self) -> None:
+        """Look up the callback functions (again after config_complete)."""
+        allowed = SEED_CALLBACKS if self.api_version == 1 else frozenset(CALLBACKS)
+        self.fn = {}
+        for name in CALLBACKS:
+            value = self.g[name.encode()]
+            if name == "load" and self.g.rawequal(value, self._builtin_load):
+                continue
+            if name in allowed and self._lua_type(value) == "function":
+                self.fn[name] = value
+        if self.api_version == 2:
+            self.thread_model = self._thread_model()
+
+    def _thread_model(self) -> ThreadModel:
+        value = self.g[b"thread_model"]
+        if self._lua_type(value) == "function":
+            value = self._startup_call("thread_model")
+        if value is None:
+            return ThreadModel.SERIALIZE_ALL_REQUESTS
+        if not isinstance(value, bytes | int | float):
+            raise StartupError(f"thread_model: unknown thread model (a {self._lua_type(value)} "
+                               f"value)")
+        try:
+            return ThreadModel[text(value).upper()]
+        except KeyError:
+            raise StartupError(f"thread_model: unknown thread model '{text(value)}'") from None
+
+    # --- what the script is -------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.fn
+
+    def string_global(self, name: str) -> str | None:
+        value = self.g[name.encode()]
+        return text(value) if isinstance(value, bytes) else None
+
+    @property
+    def lua_release(self) -> str:
+        """The release number, as nbdkit's ``lua_version=`` ("5.4.8")."""
+        return runtime.release(self._lupa)
+
+    @property
+    def lua_version(self) -> str:
+        """The runtime's own name: ``_VERSION`` ("Lua 5.4"), or LuaJIT's "LuaJIT 2.1..."."""
+        jit = self.g.jit
+        if jit is not None:
+            return text(jit.version)
+        return text(self.g._VERSION)
+
+    # --- calling ------------------------------------------------------------------------
+    def call(self, name: str, *args: Any) -> Any:
+        """Call callback ``name``; its first result, or PluginError."""
+        return first(name, self._call(self.fn[name], *args))
+
+    def call_multi(self, name: str, *args: Any) -> tuple[Any, ...]:
+        return unwrap(name, self._call(self.fn[name], *args))
+
+    def _startup_call(self, name: str, *args: Any) -> Any:
+        """A callback of start-up, where a failure ends the server (StartupError)."""
+        try:
+            return self.call(name, *args)
+        except PluginError as err:
+            raise StartupError(str(err)) from None
+
+    def _reserve(self, size: int) -> None:
+        """Under --lua-memory-limit, refuse (ENOMEM) a payload the Lua state has no room for.
+
+        lupa copies arguments into Lua outside any pcall: an allocation failing there is a
+        Lua panic, which aborts the whole process.  So make sure it cannot fail.
+        """
+        lua = self.runtime
+        if lua.get_memory_used() + size + MEMORY_MARGIN <= self._memory_limit:
+            return
+        self.g.collectgarbage(b"collect")  # garbage may be what fills it
+        if lua.get_memory_used() + size + MEMORY_MARGIN > self._memory_limit:
+            raise PluginError("pwrite", f"not enough memory for a {size}-byte payload "
+                                        f"(--lua-memory-limit)", errno.ENOMEM)
