@@ -467,7 +467,7 @@ def fastpath_state() -> str:
 
 def dump_config() -> str:
     """``key=value`` build facts, as ``nbdkit --dump-config``."""
-    from luanbd.config import plugin_dir
+    from luanbd.config import ServerConfig, plugin_dir
     from luanbd.lua import lualib, runtime
 
     installed = runtime.installed()
@@ -481,7 +481,7 @@ def dump_config() -> str:
         f"fastpath={fastpath_state()}",
         f"lua_incomplete={','.join(incomplete)}",
         f"lua_versions={','.join(installed)}",
-        f"lualib={lualib.state()}",
+        f"lualib={lualib.state(ServerConfig(script='').lualib)}",
         f"plugindir={plugin_dir()}",
         "tls=yes",
         "tls_psk=no",

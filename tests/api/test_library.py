@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(program: str, cwd: Path) -> str:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(program)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return proc.stdout

@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from luanbd.config import ServerConfig
 from luanbd.lua import lualib
 from luanbd.lua.plugin import LuaPlugin
 from luanbd.lua.runtime import LUA_MODULES
@@ -84,7 +85,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    if not lualib.ENABLED:
+    if not ServerConfig(script="").lualib:
         pytest.skip("LUANBD_LUALIB=0 in the environment")
     ours = new_runtime()
     assert lualib.install(ours.globals(), lupa54) is True
@@ -659,7 +660,7 @@ def stock_name() -> bytes:
 
 
 def test_the_plugin_installs_it_before_the_script_loads(script: Path) -> None:
-    if not lualib.ENABLED:
+    if not ServerConfig(script="").lualib:
         pytest.skip("LUANBD_LUALIB=0 in the environment")
     plugin = LuaPlugin(str(script))
     assert plugin.lualib is True
@@ -689,11 +690,12 @@ def test_other_lua_versions_keep_their_own(script: Path, lua: str) -> None:
 CHILD = """
 import sys
 import lupa.lua54
-from luanbd.lua import lualib
-from luanbd.lua.plugin import LuaPlugin
-plugin = LuaPlugin(sys.argv[1])
+from luanbd.config import ServerConfig
+from luanbd.lua.startup import LuaStartup
+config = ServerConfig(script=sys.argv[1])
+plugin = LuaStartup(config).load()
 stock = lupa.lua54.LuaRuntime(encoding=None).eval("tostring(table.concat)")
-print(lualib.ENABLED, plugin.lualib, plugin.g.tostring(plugin.g.captured) == stock)
+print(config.lualib, plugin.lualib, plugin.g.tostring(plugin.g.captured) == stock)
 """
 
 

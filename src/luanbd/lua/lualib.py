@@ -4,13 +4,12 @@
 ``table.concat`` that gives the same results and errors as Lua 5.4's, with one copy of the
 result less for the common case of a table of strings (see _lualib.c for why it matters).
 It is installed before the script loads, so a script's ``local concat = table.concat``
-gets it.  ``LUANBD_LUALIB=0`` keeps Lua's own functions (to compare, or to rule it out);
-other Lua versions always keep theirs.
+gets it.  ``ServerConfig.lualib`` False (``LUANBD_LUALIB=0``) keeps Lua's own functions
+(to compare, or to rule it out); other Lua versions always keep theirs.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
@@ -21,13 +20,11 @@ except ImportError:  # built without a C compiler
 
 #: The extension was built at install.
 BUILT = _lualib is not None
-#: LUANBD_LUALIB=0 turns the compiled functions off.
-ENABLED = BUILT and os.environ.get("LUANBD_LUALIB", "1") != "0"
 
 
-def install(lua_globals: Any, lupa_module: ModuleType) -> bool:
+def install(lua_globals: Any, lupa_module: ModuleType, enabled: bool = True) -> bool:
     """Replace ``table.concat`` in this Lua state; False when it keeps Lua's own."""
-    if not ENABLED or lupa_module.__name__ != "lupa.lua54":
+    if not (BUILT and enabled) or lupa_module.__name__ != "lupa.lua54":
         return False
     if not _lualib.bind(lupa_module.__file__ or ""):
         return False
@@ -44,8 +41,8 @@ def install(lua_globals: Any, lupa_module: ModuleType) -> bool:
     return True
 
 
-def state() -> str:
+def state(enabled: bool) -> str:
     """For --dump-config: yes (installed in Lua 5.4 states), no (not built), off."""
-    if ENABLED:
-        return "yes"
-    return "off" if BUILT else "no"
+    if not BUILT:
+        return "no"
+    return "yes" if enabled else "off"

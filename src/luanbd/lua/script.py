@@ -51,7 +51,8 @@ class LuaScript:
     model, and calling a callback by name."""
 
     def __init__(self, script: str, *, lua: str = "5.4",
-                 memory_limit: int | None = None, gc: str | None = None) -> None:
+                 memory_limit: int | None = None, gc: str | None = None,
+                 compiled_lualib: bool = True) -> None:
         self.script = script
         self.lua_name = lua
         try:
@@ -75,7 +76,7 @@ class LuaScript:
         self.g[b"python"] = None
         self.g.package.loaded[b"python"] = None
         # Before the script: its `local concat = table.concat` must get the faster one.
-        self.lualib = lualib.install(self.g, module)
+        self.lualib = lualib.install(self.g, module, enabled=compiled_lualib)
         # Lua's own `load` is a global too: only a script's redefinition is the callback.
         self._builtin_load = self.g.load
         # Lua 5.1 and LuaJIT load strings with loadstring(); load() wants a function there.

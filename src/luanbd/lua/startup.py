@@ -25,7 +25,7 @@ class LuaStartup:
         """Load the script and pass it the configuration (not config_complete)."""
         config = self.config
         plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit,
-                           gc=config.lua_gc)
+                           gc=config.lua_gc, compiled_lualib=config.lualib)
         plugin.load()
         magic = plugin.string_global("magic_config_key")
         for key, value in config.params:
