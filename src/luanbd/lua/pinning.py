@@ -23,9 +23,11 @@ import functools
 import os
 from typing import Any
 
+from luanbd.protocol.constants import LARGE_DATA
+
 #: Reads of at least this many bytes are pinned; below it lupa's copy is cheaper than
-#: the extra bookkeeping.
-PIN_MIN = 64 * 1024
+#: the extra bookkeeping (and the compiled request loop serves them).
+PIN_MIN = LARGE_DATA
 #: Where a Lua 5.4 long string keeps its length and bytes, from the address %p gives:
 #: CommonHeader (next, tt, marked), extra, shrlen, hash, then u.lnglen and contents.
 LNGLEN_OFFSET = 16
