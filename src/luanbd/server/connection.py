@@ -38,7 +38,7 @@ from luanbd.protocol.replies import (
     Buffers,
 )
 from luanbd.protocol.transmission import Request, RequestParser, Session
-from luanbd.server.requests import RequestHandler
+from luanbd.server.requests import RequestHandler, StopFlag
 from luanbd.server.transport import (
     MAX_BATCH,
     WRITER_THRESHOLD,
@@ -100,8 +100,13 @@ class Connection:
         self.top: Context | None = None
         self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
-        #: nbdkit_disconnect was called: no more requests (read by the compiled loop too).
+        #: nbdkit_disconnect was called: the connection ends after the current batch (read
+        #: by the compiled loop too).
         self.closing = False
+        #: No new requests (ESHUTDOWN): set by nbdkit_disconnect and by server shutdown.
+        self.stop = StopFlag()
+        if service.stopping:
+            self.stop.set()
         #: time.monotonic() by which the handshake must be over (None: --timeout=0).
         self._deadline: float | None = None
         #: The export takes writes (not -r, can_write): set when transmission starts.
@@ -163,6 +168,7 @@ class Connection:
     def disconnect(self, force: bool) -> None:
         """nbdkit_disconnect: close at once (force) or after the request being served."""
         self.closing = True
+        self.stop.set()
         if force:
             self.shutdown_read()
 
@@ -328,7 +334,7 @@ class Connection:
                                payload_buffer=writable_bytes)
         ctx = self.ctx
         assert ctx is not None
-        handler = RequestHandler(ctx, session, self.number, self.service, self)
+        handler = RequestHandler(ctx, session, self.number, self.stop)
         handle = handler.handle_request
         recv_into = self.sock.recv_into
         wait_all = 0 if self._tls else socket.MSG_WAITALL
