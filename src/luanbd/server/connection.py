@@ -11,11 +11,11 @@ import socket
 import ssl
 import time
 import traceback
-from typing import Any, Protocol
+from typing import Protocol
 
 from luanbd import log
 from luanbd.backend import current
-from luanbd.backend.chain import Chain, Context, bottom
+from luanbd.backend.chain import Chain, Context
 from luanbd.backend.context import BackendContext
 from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
@@ -38,6 +38,7 @@ from luanbd.protocol.replies import (
     Buffers,
 )
 from luanbd.protocol.transmission import Request, RequestParser, Session
+from luanbd.server import compiled
 from luanbd.server.requests import RequestHandler, StopFlag
 from luanbd.server.transport import (
     MAX_BATCH,
@@ -73,13 +74,6 @@ _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
 SLOW_REQUEST = 1.0
 _READ, _WRITE = Cmd.READ, Cmd.WRITE
 
-
-try:
-    from luanbd.server import _fastpath
-except ImportError:  # installed without a C compiler: the Python loop serves everything
-    _fastpath = None  # type: ignore[assignment]
-FASTPATH_BUILT = _fastpath is not None
-
 #: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
 _Result = bytes | memoryview | list[tuple[int, int]] | None
 
@@ -100,8 +94,7 @@ class Connection:
         self.top: Context | None = None
         self._buf = bytearray(HANDSHAKE_RECV_SIZE)
         self._view = memoryview(self._buf)
-        #: nbdkit_disconnect was called: the connection ends after the current batch (read
-        #: by the compiled loop too).
+        #: nbdkit_disconnect was called: the connection ends after the current batch.
         self.closing = False
         #: No new requests (ESHUTDOWN): set by nbdkit_disconnect and by server shutdown.
         self.stop = StopFlag()
@@ -109,8 +102,6 @@ class Connection:
             self.stop.set()
         #: time.monotonic() by which the handshake must be over (None: --timeout=0).
         self._deadline: float | None = None
-        #: The export takes writes (not -r, can_write): set when transmission starts.
-        self._writable = False
         #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
         self._tls = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
@@ -328,7 +319,6 @@ class Connection:
     def _transmission(self, session: Session, trailing: bytes) -> None:
         self.sock.settimeout(None)  # an idle client in transmission may stay as long as it likes
         self._deadline = None
-        self._writable = not session.read_only
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended,
                                payload_buffer=writable_bytes)
@@ -345,17 +335,15 @@ class Connection:
                                f"conn-{self.number}-writer") if not self._tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
-        fast = self._fastpath_setup(session, handler)
+        fast = compiled.engage(session, handler, enabled=self.service.config.fastpath,
+                               sock=self.sock, tls=self._tls, chain=self.chain, lock=self.lock,
+                               stop=self.stop)
         try:
             while True:
-                if fast is not None and (state := parser.raw_state()) is not None:
+                if fast is not None:
                     # The compiled loop serves plain small READs and WRITEs until a request
                     # it leaves to the code below (which is the reference for both).
-                    send_lock = writer.lock if writer is not None and writer.started else None
-                    pos, end, eof = _fastpath.serve(fast, *state, send_lock)
-                    parser.set_raw_state(pos, end)
-                    if eof:
-                        raise ClientGone
+                    fast.run(parser, writer)
                 while True:
                     request = parser.next_request()
                     if request is NEED_DATA:
@@ -397,29 +385,6 @@ class Connection:
         finally:
             if writer is not None:
                 writer.stop()
-
-    def _fastpath_setup(self, session: Session,
-                        handler: RequestHandler) -> tuple[Any, ...] | None:
-        """The compiled loop's view of this connection (luanbd.server._fastpath), or None
-        where the Python loop must do everything: TLS (an SSL object), extended headers,
-        -v (request timing), a plugin that is not a Lua script."""
-        ctx = self.ctx
-        if (_fastpath is None or not self.service.config.fastpath or ctx is None or self._tls
-                or log.verbose or session.extended_headers):
-            return None
-        plugin = self.chain.compiled_calls()
-        if plugin is None:  # a filter looks at plain requests, or not a Lua plugin
-            return None
-        call, pread, pwrite, api2 = plugin.fastpath_calls()
-        lock = self.lock
-
-        # Any result but success is answered by the handler, as the Python loop would.
-        handler.compiled = plugin
-        slow = handler.compiled_result
-        return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
-                pwrite if self._writable else None, bottom(ctx.top).handle, api2, lock.acquire,
-                lock.release, self,
-                self.service, slow)
 
     def _send_batch(self, out: Buffers, size: int, writer: Writer | None) -> None:
         """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes
