@@ -9,8 +9,10 @@ Both are optional: without a C compiler the install still works.
 from setuptools import Extension, setup
 
 setup(ext_modules=[
-    Extension("luanbd.server._fastpath", ["src/luanbd/server/_fastpath.c"],
-              optional=True, extra_compile_args=["-O2"]),
+    Extension("luanbd.server._fastpath",
+              ["src/luanbd/server/_fastpath.c", "src/luanbd/server/_fastpath_config.c"],
+              depends=["src/luanbd/server/_fastpath.h"], optional=True,
+              extra_compile_args=["-O2"]),
     Extension("luanbd.lua._lualib", ["src/luanbd/lua/_lualib.c"],
               optional=True, extra_compile_args=["-O2"]),
 ])

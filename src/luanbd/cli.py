@@ -458,9 +458,9 @@ def fastpath_state() -> str:
     """yes: the compiled request loop serves plain READ/WRITE; no: not built (no C compiler
     at install); off: LUANBD_FASTPATH=0."""
     from luanbd.config import ServerConfig
-    from luanbd.server import connection
+    from luanbd.server import compiled
 
-    if not connection.FASTPATH_BUILT:
+    if not compiled.FASTPATH_BUILT:
         return "no"
     return "yes" if ServerConfig(script="").fastpath else "off"
 

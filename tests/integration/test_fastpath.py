@@ -1,11 +1,12 @@
 """The compiled request loop (luanbd/server/_fastpath.c), byte by byte over a socketpair.
 
-Connection._transmission hands plain small READ/WRITE requests to _fastpath.serve and
-keeps every other request for itself.  These tests drive serve() directly with a real Lua
-script and a real socket: replies byte-exact, the loop stopping at the first request that
-is not its own (with the position of that request), error results going through the slow
-callback, payloads that arrive in pieces, the shutdown flags, and end of stream.  Real
-clients through the whole server, with the loop on and off, are at the end.
+Connection._transmission hands plain small READ/WRITE requests to _fastpath.serve (through
+server/compiled.py) and keeps every other request for itself.  These tests drive serve()
+directly with a real Lua script, a real socket and a CompiledLoop: replies byte-exact, the
+loop stopping at the first request that is not its own (with the position of that
+request), error results going through the slow callback, payloads that arrive in pieces,
+the stop flag, and end of stream.  Real clients through the whole server, with the loop
+on and off, are at the end (tests/server/test_compiled_loop.py compares reply streams).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 from string import Template
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,6 +26,9 @@ from luanbd_procs import StartServer, client_env
 from luanbd.lua.plugin import LuaPlugin
 from luanbd.protocol.constants import REQUEST_MAGIC
 from luanbd.protocol.replies import read_chunk_reply, simple_reply
+from luanbd.protocol.transmission import PlainRequests
+from luanbd.server.compiled import MAX_LENGTH, CompiledLoop
+from luanbd.server.requests import StopFlag
 
 _fastpath = pytest.importorskip("luanbd.server._fastpath")
 
@@ -69,14 +72,14 @@ class Loop:
         self.plugin = LuaPlugin(str(path))
         self.handle = self.plugin.open(False)
         self.client, self.server = socket.socketpair()
-        self.conn = SimpleNamespace(closing=False)
-        self.service = SimpleNamespace(stopping=False)
+        self.stop = StopFlag()
         self.slow_calls: list[tuple[int, int, int, int]] = []
         call, pread, pwrite, api2 = self.plugin.fastpath_calls()
-        lock = threading.Lock()
-        self.setup = (self.server.fileno(), SIZE, structured, call, pread,
-                      pwrite if writable else None, self.handle, api2, lock.acquire,
-                      lock.release, self.conn, self.service, self.slow)
+        self.lock: Any = threading.Lock()
+        self.setup = CompiledLoop(
+            fd=self.server.fileno(), plain=PlainRequests(SIZE, writable, MAX_LENGTH),
+            structured=structured, call=call, pread=pread, pwrite=pwrite if writable else None,
+            handle=self.handle, api2=api2, lock=self.lock, stop=self.stop, slow=self.slow)
         self.buf = bytearray(256 * 1024)
         self.result: Any = None
 
@@ -190,7 +193,7 @@ def test_results_other_than_success_go_through_slow(tmp_path: Path) -> None:
 def test_a_payload_that_trickles_in(tmp_path: Path) -> None:
     loop = Loop(tmp_path)
     thread = loop.start()
-    payload = bytes(range(256)) * 200  # 51,200 bytes, under FAST_MAX
+    payload = bytes(range(256)) * 200  # 51,200 bytes, under MAX_LENGTH
     stream = request(WRITE, 1, 1000, len(payload), payload=payload) + request(READ, 2, 1000,
                                                                             len(payload))
     # Header split in two, then the payload in uneven pieces.
@@ -225,10 +228,9 @@ def test_the_buffer_is_reused_across_many_receives(tmp_path: Path) -> None:
     assert loop.finish(thread)[2] is True
 
 
-@pytest.mark.parametrize("flag", ["stopping", "closing"])
-def test_shutdown_and_disconnect_hand_back_before_executing(tmp_path: Path, flag: str) -> None:
+def test_the_stop_flag_hands_back_before_executing(tmp_path: Path) -> None:
     loop = Loop(tmp_path)
-    setattr(loop.service if flag == "stopping" else loop.conn, flag, True)
+    loop.stop.set()
     stream = request(WRITE, 1, 0, 1, payload=b"x")
     loop.buf[:len(stream)] = stream
     assert loop.finish(loop.start(0, len(stream))) == (0, len(stream), False)
@@ -240,10 +242,14 @@ def test_lua_errors_outside_the_callbacks_propagate(tmp_path: Path) -> None:
     # it would end the Python loop.
     loop = Loop(tmp_path)
 
-    def broken() -> None:
-        raise RuntimeError("lock broke")
+    class Broken:
+        def acquire(self) -> None:
+            raise RuntimeError("lock broke")
 
-    loop.setup = (*loop.setup[:8], broken, *loop.setup[9:])
+        def release(self) -> None:
+            pass
+
+    loop.setup.lock = Broken()
     stream = request(READ, 1, 0, 1)
     loop.buf[:len(stream)] = stream
     result = loop.finish(loop.start(0, len(stream)))

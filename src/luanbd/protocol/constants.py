@@ -54,6 +54,8 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+#: The payload of an NBD_REPLY_TYPE_OFFSET_DATA chunk: this (the data's offset), then the data.
+OFFSET_DATA_PREFIX = struct.Struct(">Q")
 EXTENDED_REQUEST_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 EXTENDED_REPLY_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
 

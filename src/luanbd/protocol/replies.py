@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from luanbd.protocol.constants import (
     EXTENDED_REPLY_HEADER,
     EXTENDED_REPLY_MAGIC,
+    OFFSET_DATA_PREFIX,
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_HEADER,
@@ -24,7 +25,6 @@ from luanbd.protocol.constants import (
 
 Buffers = list[bytes | memoryview]
 
-_U64 = struct.Struct(">Q")
 _ERROR_PAYLOAD = struct.Struct(">IH")
 _U32 = struct.Struct(">I")
 _DESCRIPTOR = struct.Struct(">II")
@@ -40,14 +40,16 @@ def simple_reply(cookie: int, error: NbdError = NbdError.OK,
 
 
 #: The structured reply header and the OFFSET_DATA chunk's offset, in one pack (hot path).
-_READ_CHUNK = struct.Struct(STRUCTURED_REPLY_HEADER.format + "Q")
+_READ_CHUNK = struct.Struct(STRUCTURED_REPLY_HEADER.format + OFFSET_DATA_PREFIX.format[1:])
+_PREFIX = OFFSET_DATA_PREFIX.size
 _MAGIC, _DONE, _OFFSET_DATA = (int(v) for v in (
     STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.OFFSET_DATA))
 
 
 def read_chunk_reply(cookie: int, offset: int, data: bytes | memoryview) -> Buffers:
     """A successful READ as one NBD_REPLY_TYPE_OFFSET_DATA chunk with the DONE flag."""
-    return [_READ_CHUNK.pack(_MAGIC, _DONE, _OFFSET_DATA, cookie, 8 + len(data), offset), data]
+    return [_READ_CHUNK.pack(_MAGIC, _DONE, _OFFSET_DATA, cookie, _PREFIX + len(data), offset),
+            data]
 
 
 def error_chunk_reply(cookie: int, error: NbdError, message: bytes = b"") -> Buffers:
@@ -77,8 +79,8 @@ def ext_reply(cookie: int, offset: int, reply_type: ReplyType = ReplyType.NONE,
 
 def ext_read_reply(cookie: int, offset: int, data: bytes | memoryview) -> Buffers:
     """A successful READ: one final NBD_REPLY_TYPE_OFFSET_DATA chunk."""
-    header = ext_reply(cookie, offset, ReplyType.OFFSET_DATA, 8 + len(data))
-    return [header + _U64.pack(offset), data]
+    header = ext_reply(cookie, offset, ReplyType.OFFSET_DATA, _PREFIX + len(data))
+    return [header + OFFSET_DATA_PREFIX.pack(offset), data]
 
 
 def ext_error_reply(cookie: int, offset: int, error: NbdError,

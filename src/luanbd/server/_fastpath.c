@@ -4,52 +4,64 @@
  * At one request in flight (QD1) CPython spends more time interpreting the request path
  * (parse, dispatch, reply) than the kernel spends moving the bytes: ~16 us per request
  * against nbdkit's ~3 us of user time (bench/README.md).  This loop does the same steps as
- * Connection._transmission for a plain READ or WRITE (no flags, in range, below 64 KiB,
- * classic request headers) without the interpreter: it receives into the parser's buffer,
- * parses headers, calls the Lua wrapper through lupa (which takes lupa's own lock and
+ * the Python loop (server/connection.py _transmission, server/requests.py) for a plain
+ * READ or WRITE without the interpreter: it receives into the parser's buffer, parses
+ * classic headers, calls the Lua wrapper through lupa (which takes lupa's own lock and
  * releases the GIL while Lua runs) under the request lock, encodes the replies and sends
  * a batch with one sendmsg.  Anything else (another command, a flag, an error result, a big
- * request, shutdown) goes back to Python: an error result through the `slow` callback, any
- * other request by returning, so the Python loop (the reference) handles it.
+ * request, the stop flag) goes back to Python: an error result through the `slow`
+ * callback, any other request by returning, so the Python loop (the reference) handles it.
  *
- * serve(setup, buf, pos, end, send_lock) -> (pos, end, eof)
- *   setup: (fd, size, structured, call, pread_fn, pwrite_fn or None, handle, api2,
- *           acquire or None, release or None, conn, service, slow)
+ * serve(loop, buf, pos, end, send_lock) -> (pos, end, eof)
+ *   loop: a luanbd.server.compiled.CompiledLoop; its fields are read by name once per
+ *     call (never per request):
+ *       fd          the connection's socket
+ *       plain       a protocol.transmission.PlainRequests: size, writable, max_length.
+ *                   The requests served here are exactly those plain.admits() takes
+ *                   (plain_admits below is the same predicate); the rest go back.
+ *       structured  structured replies were negotiated (a READ is an OFFSET_DATA chunk)
+ *       call, pread, pwrite, handle, api2
+ *                   the plugin's CompiledCalls: call(pread, handle, count, offset[, 0]),
+ *                   call(pwrite, handle, bytes, offset[, 0]) (flags argument when api2);
+ *                   pwrite is None only when plain.writable is false
+ *       lock        the request lock (its acquire/release, looked up here), or None
+ *       stop        a requests.StopFlag: its `cell`, a bytearray(1), is nonzero once no new
+ *                   request may be served (shutdown, nbdkit_disconnect); checked before each
+ *                   request, which is then left to Python (ESHUTDOWN)
+ *       slow        slow(cmd, cookie, offset, count, result) -> short list of buffers: the
+ *                   reply to a result that is not plain success
+ *       max_batch   READ bytes per batch above which the batch is sent before more is
+ *                   executed (as MAX_BATCH does in Python: backpressure)
  *   buf: the parser's bytearray; [pos, end) holds unparsed bytes.  It is never resized.
  *   send_lock: the writer thread's lock while that thread runs, else None.
  * Returns when the request at pos is not for this loop (eof False) or the client closed
  * the connection (eof True).  Socket errors raise OSError; an exception from lupa or a
  * callback propagates as it would from the Python loop.
+ *
+ * admits(plain, cmd, flags, offset, length) -> bool: plain_admits, for tests to compare
+ * with PlainRequests.admits.
+ *
+ * The protocol's numbers (magics, commands, reply flags and types, header sizes) are read
+ * from luanbd.protocol.constants when the module is imported (_fastpath_config.c, which
+ * also reads the loop's fields).  The header layouts are compile-time (field offsets, the
+ * reply header buffer, _fastpath.h): the import checks them against the struct formats of
+ * luanbd.protocol.constants and fails if they differ.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_fastpath.h"
+
 #include <errno.h>
-#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-#define REQUEST_MAGIC 0x25609513u
-#define SIMPLE_REPLY_MAGIC 0x67446698u
-#define STRUCTURED_REPLY_MAGIC 0x668e33efu
-#define CMD_READ 0
-#define CMD_WRITE 1
-#define REPLY_FLAG_DONE 1
-#define REPLY_TYPE_OFFSET_DATA 1
-#define HEADER 28
-/* Requests below this size are served here: at 64 KiB and up a READ is pinned
- * (luanbd.lua.pinning) and a WRITE payload may be received straight into its bytes. */
-#define FAST_MAX (64 * 1024)
 /* Replies per batch: each takes two iovecs, or up to MAX_LIST from the slow path, and a
- * sendmsg takes at most IOV_MAX (1024) iovecs.  READ data per batch is bounded too (above
- * it: send before executing more, as MAX_BATCH does in Python). */
+ * sendmsg takes at most IOV_MAX (1024) iovecs. */
 #define MAX_LIST 8
 #define MAX_REPLIES 128
 #define MAX_IOV (MAX_REPLIES * MAX_LIST)
-#define MAX_DATA (4 * 1024 * 1024)
 
 struct reply {
-    unsigned char header[28];
+    unsigned char header[FP_REPLY_HEADER_MAX];
     int header_len;
     PyObject *data;   /* owned: READ data (bytes), or a list of buffers from `slow` */
     int is_list;
@@ -62,8 +74,6 @@ struct batch {
     struct iovec iov[MAX_IOV];
     Py_buffer views[MAX_IOV];
 };
-
-static PyObject *str_stopping, *str_closing;
 
 static inline uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static inline uint32_t get32(const unsigned char *p) {
@@ -171,26 +181,8 @@ static int batch_send(struct batch *b, int fd, PyObject *send_lock) {
     return rc;
 }
 
-/* True when the Python loop must see the next request (nbdkit.disconnect, shutdown). */
-static int must_stop(PyObject *conn, PyObject *service) {
-    PyObject *v = PyObject_GetAttr(service, str_stopping);
-    int stop;
-    if (v == NULL)
-        return -1;
-    stop = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    if (stop)
-        return stop;
-    v = PyObject_GetAttr(conn, str_closing);
-    if (v == NULL)
-        return -1;
-    stop = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return stop;
-}
-
 static int lock_call(PyObject *fn) {
-    if (fn == Py_None)
+    if (fn == NULL)
         return 0;
     PyObject *r = PyObject_CallNoArgs(fn);
     if (r == NULL)
@@ -199,53 +191,142 @@ static int lock_call(PyObject *fn) {
     return 0;
 }
 
+/* Call the plugin for the request at h under the request lock: its result, or NULL with
+ * an exception. */
+static PyObject *execute(const struct loop *l, const unsigned char *h, uint16_t type,
+                         PyObject *count, PyObject *off, PyObject *zero) {
+    PyObject *payload = NULL, *res = NULL, *et, *ev, *tb;
+    if (type == fp.cmd_write) {
+        payload = PyBytes_FromStringAndSize((const char *)h + fp.request_size,
+                                            (Py_ssize_t)get32(h + RQ_LENGTH));
+        if (payload == NULL)
+            return NULL;
+    }
+    if (lock_call(l->acquire) < 0) {
+        Py_XDECREF(payload);
+        return NULL;
+    }
+    PyObject *argv[5] = {type == fp.cmd_read ? l->pread : l->pwrite, l->handle,
+                         type == fp.cmd_read ? count : payload, off, zero};
+    res = PyObject_Vectorcall(l->call, argv, l->api2 ? 5 : 4, NULL);
+    /* Release the lock whatever happened, keeping the call's exception. */
+    PyErr_Fetch(&et, &ev, &tb);
+    if (lock_call(l->release) < 0) {
+        Py_CLEAR(res);
+        if (et != NULL)
+            PyErr_Clear();
+    }
+    if (et != NULL)
+        PyErr_Restore(et, ev, tb);
+    Py_XDECREF(payload);
+    return res;
+}
+
+/* The reply to a request's result: encoded here for plain success, else from `slow`.
+ * Steals res.  0, or -1 with an exception. */
+static int add_reply(struct batch *b, const struct loop *l, uint16_t type, uint64_t cookie,
+                     uint64_t offset, uint32_t length, PyObject *count, PyObject *res) {
+    struct reply *r = &b->replies[b->n];
+    int happy = 0;
+    PyObject *value = NULL;
+    if (type == fp.cmd_read) {
+        if (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) >= 2 &&
+            PyTuple_GET_ITEM(res, 0) == Py_True) {
+            value = PyTuple_GET_ITEM(res, 1);
+            happy = PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) == length;
+        }
+    } else {
+        happy = res == Py_True || (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) >= 1 &&
+                                   PyTuple_GET_ITEM(res, 0) == Py_True);
+    }
+    if (happy) {
+        r->is_list = 0;
+        if (type == fp.cmd_read && l->structured) {
+            put32(r->header, fp.structured_reply_magic);
+            put16(r->header + ST_FLAGS, fp.reply_flag_done);
+            put16(r->header + ST_TYPE, fp.reply_type_offset_data);
+            put64(r->header + ST_COOKIE, cookie);
+            put32(r->header + ST_LENGTH, (uint32_t)fp.offset_data_size + length);
+            put64(r->header + fp.structured_size, offset);
+            r->header_len = (int)(fp.structured_size + fp.offset_data_size);
+        } else {
+            put32(r->header, fp.simple_reply_magic);
+            put32(r->header + SR_ERROR, 0);
+            put64(r->header + SR_COOKIE, cookie);
+            r->header_len = (int)fp.simple_size;
+        }
+        if (type == fp.cmd_read) {
+            Py_INCREF(value);
+            r->data = value;
+            b->data += length;
+        } else {
+            r->data = NULL;
+        }
+        Py_DECREF(res);
+        b->n++;
+        return 0;
+    }
+    /* Anything else is the Python loop's business: errors, wrong types. */
+    PyObject *c = PyLong_FromUnsignedLongLong(cookie);
+    PyObject *o = PyLong_FromUnsignedLongLong(offset);
+    PyObject *list = NULL;
+    if (c != NULL && o != NULL)
+        list = PyObject_CallFunction(l->slow, "iOOOO", (int)type, c, o, count, res);
+    Py_XDECREF(c);
+    Py_XDECREF(o);
+    Py_DECREF(res);
+    if (list == NULL)
+        return -1;
+    if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) > MAX_LIST) {
+        Py_DECREF(list);
+        PyErr_SetString(PyExc_TypeError, "_fastpath: slow() must return a short list");
+        return -1;
+    }
+    r->is_list = 1;
+    r->data = list;
+    b->n++;
+    return 0;
+}
+
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *setup, *bufobj, *send_lock;
+    PyObject *bufobj, *send_lock;
     Py_ssize_t pos, end;
+    struct loop l;
     (void)self;
 
     if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "serve(setup, buf, pos, end, send_lock)");
+        PyErr_SetString(PyExc_TypeError, "serve(loop, buf, pos, end, send_lock)");
         return NULL;
     }
-    setup = args[0];
     bufobj = args[1];
     send_lock = args[4];
     pos = PyLong_AsSsize_t(args[2]);
     end = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    if (!PyTuple_CheckExact(setup) || PyTuple_GET_SIZE(setup) != 13 ||
-        !PyByteArray_CheckExact(bufobj)) {
-        PyErr_SetString(PyExc_TypeError, "_fastpath.serve: bad setup or buffer");
+    if (!PyByteArray_CheckExact(bufobj)) {
+        PyErr_SetString(PyExc_TypeError, "_fastpath.serve: the buffer must be a bytearray");
         return NULL;
     }
-    int fd = (int)PyLong_AsLong(PyTuple_GET_ITEM(setup, 0));
-    uint64_t size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(setup, 1));
-    int structured = PyObject_IsTrue(PyTuple_GET_ITEM(setup, 2));
-    PyObject *call = PyTuple_GET_ITEM(setup, 3);
-    PyObject *pread_fn = PyTuple_GET_ITEM(setup, 4);
-    PyObject *pwrite_fn = PyTuple_GET_ITEM(setup, 5);
-    PyObject *handle = PyTuple_GET_ITEM(setup, 6);
-    int api2 = PyObject_IsTrue(PyTuple_GET_ITEM(setup, 7));
-    PyObject *acquire = PyTuple_GET_ITEM(setup, 8);
-    PyObject *release = PyTuple_GET_ITEM(setup, 9);
-    PyObject *conn = PyTuple_GET_ITEM(setup, 10);
-    PyObject *service = PyTuple_GET_ITEM(setup, 11);
-    PyObject *slow = PyTuple_GET_ITEM(setup, 12);
-    if (PyErr_Occurred())
+    if (fp_loop_read(args[0], &l) < 0) {
+        fp_loop_release(&l);
         return NULL;
-
+    }
     unsigned char *buf = (unsigned char *)PyByteArray_AS_STRING(bufobj);
     Py_ssize_t cap = PyByteArray_GET_SIZE(bufobj);
-    if (pos < 0 || end < pos || end > cap || cap < HEADER + FAST_MAX) {
+    /* Room for one whole request of the largest size served here. */
+    Py_ssize_t room = fp.request_size + (Py_ssize_t)l.plain.max_length;
+    if (pos < 0 || end < pos || end > cap || cap < room) {
         PyErr_SetString(PyExc_ValueError, "_fastpath.serve: bad buffer positions");
+        fp_loop_release(&l);
         return NULL;
     }
 
     struct batch *b = PyMem_Malloc(sizeof *b);
-    if (b == NULL)
+    if (b == NULL) {
+        fp_loop_release(&l);
         return PyErr_NoMemory();
+    }
     b->n = 0;
     b->data = 0;
     int eof = 0;
@@ -256,141 +337,50 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     for (;;) {
         int stop = 0;
         /* Execute every complete request that is ours. */
-        while (end - pos >= HEADER) {
+        while (end - pos >= fp.request_size) {
             const unsigned char *h = buf + pos;
-            uint32_t magic = get32(h);
-            uint16_t flags = get16(h + 4), type = get16(h + 6);
-            uint64_t cookie = get64(h + 8), offset = get64(h + 16);
-            uint32_t length = get32(h + 24);
-            if (magic != REQUEST_MAGIC || flags != 0 || length == 0 || length >= FAST_MAX ||
-                offset > size || length > size - offset ||
-                (type != CMD_READ && !(type == CMD_WRITE && pwrite_fn != Py_None))) {
+            uint16_t flags = get16(h + RQ_FLAGS), type = get16(h + RQ_TYPE);
+            uint64_t cookie = get64(h + RQ_COOKIE), offset = get64(h + RQ_OFFSET);
+            uint32_t length = get32(h + RQ_LENGTH);
+            if (get32(h) != fp.request_magic ||
+                !plain_admits(&l.plain, type, flags, offset, length)) {
                 stop = 1;
                 break;
             }
-            if (type == CMD_WRITE && end - pos - HEADER < (Py_ssize_t)length)
+            if (type == fp.cmd_write && end - pos - fp.request_size < (Py_ssize_t)length)
                 break;  /* the payload is still coming */
-            int s = must_stop(conn, service);
-            if (s < 0)
-                goto error;
-            if (s) {
+            if (loop_stopped(&l)) {
                 stop = 1;
                 break;
             }
-            if (b->n == MAX_REPLIES || b->data >= MAX_DATA) {
-                if (batch_send(b, fd, send_lock) < 0)
+            if (b->n == MAX_REPLIES || b->data >= l.max_batch) {
+                if (batch_send(b, l.fd, send_lock) < 0)
                     goto error;
             }
-
             PyObject *count = PyLong_FromUnsignedLong(length);
             PyObject *off = PyLong_FromUnsignedLongLong(offset);
-            PyObject *payload = NULL, *res = NULL;
-            if (count == NULL || off == NULL)
-                goto call_done;
-            if (type == CMD_WRITE) {
-                payload = PyBytes_FromStringAndSize((const char *)h + HEADER, length);
-                if (payload == NULL)
-                    goto call_done;
-            }
-            if (lock_call(acquire) < 0)
-                goto call_done;
-            {
-                PyObject *argv[5];
-                PyObject *et, *ev, *tb;
-                argv[0] = type == CMD_READ ? pread_fn : pwrite_fn;
-                argv[1] = handle;
-                argv[2] = type == CMD_READ ? count : payload;
-                argv[3] = off;
-                argv[4] = zero;
-                res = PyObject_Vectorcall(call, argv, api2 ? 5 : 4, NULL);
-                /* Release the lock whatever happened, keeping the call's exception. */
-                PyErr_Fetch(&et, &ev, &tb);
-                if (lock_call(release) < 0) {
-                    Py_CLEAR(res);
-                    if (et != NULL)
-                        PyErr_Clear();
-                }
-                if (et != NULL)
-                    PyErr_Restore(et, ev, tb);
-            }
-        call_done:
+            PyObject *res = NULL;
+            if (count != NULL && off != NULL)
+                res = execute(&l, h, type, count, off, zero);
             Py_XDECREF(off);
-            Py_XDECREF(payload);
             if (res == NULL) {
                 Py_XDECREF(count);
                 goto error;
             }
-            pos += HEADER + (type == CMD_WRITE ? (Py_ssize_t)length : 0);
-
-            struct reply *r = &b->replies[b->n];
-            int happy = 0;
-            PyObject *value = NULL;
-            if (type == CMD_READ) {
-                if (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) >= 2 &&
-                    PyTuple_GET_ITEM(res, 0) == Py_True) {
-                    value = PyTuple_GET_ITEM(res, 1);
-                    happy = PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) == length;
-                }
-            } else {
-                happy = res == Py_True || (PyTuple_CheckExact(res) && PyTuple_GET_SIZE(res) >= 1 &&
-                                           PyTuple_GET_ITEM(res, 0) == Py_True);
-            }
-            if (happy) {
-                r->is_list = 0;
-                if (type == CMD_READ && structured) {
-                    put32(r->header, STRUCTURED_REPLY_MAGIC);
-                    put16(r->header + 4, REPLY_FLAG_DONE);
-                    put16(r->header + 6, REPLY_TYPE_OFFSET_DATA);
-                    put64(r->header + 8, cookie);
-                    put32(r->header + 16, 8 + length);
-                    put64(r->header + 20, offset);
-                    r->header_len = 28;
-                } else {
-                    put32(r->header, SIMPLE_REPLY_MAGIC);
-                    put32(r->header + 4, 0);
-                    put64(r->header + 8, cookie);
-                    r->header_len = 16;
-                }
-                if (type == CMD_READ) {
-                    Py_INCREF(value);
-                    r->data = value;
-                    b->data += length;
-                } else {
-                    r->data = NULL;
-                }
-                Py_DECREF(res);
-                Py_DECREF(count);
-            } else {
-                /* Anything else is the Python loop's business: errors, wrong types. */
-                PyObject *c = PyLong_FromUnsignedLongLong(cookie);
-                PyObject *o = PyLong_FromUnsignedLongLong(offset);
-                PyObject *list = NULL;
-                if (c != NULL && o != NULL)
-                    list = PyObject_CallFunction(slow, "iOOOO", (int)type, c, o, count, res);
-                Py_XDECREF(c);
-                Py_XDECREF(o);
-                Py_DECREF(res);
-                Py_DECREF(count);
-                if (list == NULL)
-                    goto error;
-                if (!PyList_CheckExact(list) || PyList_GET_SIZE(list) > MAX_LIST) {
-                    Py_DECREF(list);
-                    PyErr_SetString(PyExc_TypeError, "_fastpath: slow() must return a short list");
-                    goto error;
-                }
-                r->is_list = 1;
-                r->data = list;
-            }
-            b->n++;
+            pos += fp.request_size + (type == fp.cmd_write ? (Py_ssize_t)length : 0);
+            int rc = add_reply(b, &l, type, cookie, offset, length, count, res);
+            Py_DECREF(count);
+            if (rc < 0)
+                goto error;
         }
-        if (batch_send(b, fd, send_lock) < 0)
+        if (batch_send(b, l.fd, send_lock) < 0)
             goto error;
         if (stop)
             break;
-        /* Make room for one whole small request, then wait for more bytes. */
+        /* Make room for one whole request, then wait for more bytes. */
         if (pos == end) {
             pos = end = 0;
-        } else if (cap - pos < HEADER + FAST_MAX) {
+        } else if (cap - pos < room) {
             memmove(buf, buf + pos, (size_t)(end - pos));
             end -= pos;
             pos = 0;
@@ -399,7 +389,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
         do {
-            n = recv(fd, buf + end, (size_t)(cap - end), 0);
+            n = recv(l.fd, buf + end, (size_t)(cap - end), 0);
         } while (n < 0 && errno == EINTR);
         if (n < 0)
             err = errno;
@@ -417,18 +407,43 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     Py_DECREF(zero);
     PyMem_Free(b);
+    fp_loop_release(&l);
     return Py_BuildValue("nnO", pos, end, eof ? Py_True : Py_False);
 
 error:
     Py_XDECREF(zero);
     batch_clear(b);
     PyMem_Free(b);
+    fp_loop_release(&l);
     return NULL;
+}
+
+static PyObject *admits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    struct plain p;
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "admits(plain, cmd, flags, offset, length)");
+        return NULL;
+    }
+    if (fp_plain_read(args[0], &p) < 0)
+        return NULL;
+    unsigned long cmd = PyLong_AsUnsignedLong(args[1]), flags = PyLong_AsUnsignedLong(args[2]);
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long length = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (cmd > UINT16_MAX || flags > UINT16_MAX || length > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "admits: a field wider than its header field");
+        return NULL;
+    }
+    return PyBool_FromLong(plain_admits(&p, (uint16_t)cmd, (uint16_t)flags, offset, length));
 }
 
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
-     "serve(setup, buf, pos, end, send_lock) -> (pos, end, eof)"},
+     "serve(loop, buf, pos, end, send_lock) -> (pos, end, eof)"},
+    {"admits", (PyCFunction)(void (*)(void))admits, METH_FASTCALL,
+     "admits(plain, cmd, flags, offset, length) -> bool: the loop's plain-request test"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -439,16 +454,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
-    str_stopping = PyUnicode_InternFromString("stopping");
-    str_closing = PyUnicode_InternFromString("closing");
-    if (str_stopping == NULL || str_closing == NULL)
+    if (fp_load_protocol() < 0)
         return NULL;
-    PyObject *m = PyModule_Create(&module);
-    if (m == NULL)
-        return NULL;
-    if (PyModule_AddIntConstant(m, "FAST_MAX", FAST_MAX) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return PyModule_Create(&module);
 }

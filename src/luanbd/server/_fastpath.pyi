@@ -1,8 +1,8 @@
 """Types of the compiled request loop (_fastpath.c)."""
 
-from typing import Any
+from luanbd.protocol.transmission import PlainRequests
+from luanbd.server.compiled import CompiledLoop
 
-FAST_MAX: int
-
-def serve(setup: tuple[Any, ...], buf: bytearray, pos: int, end: int,
-          send_lock: Any) -> tuple[int, int, bool]: ...
+def serve(loop: CompiledLoop, buf: bytearray, pos: int, end: int,
+          send_lock: object) -> tuple[int, int, bool]: ...
+def admits(plain: PlainRequests, cmd: int, flags: int, offset: int, length: int) -> bool: ...

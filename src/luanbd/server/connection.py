@@ -11,11 +11,11 @@ from __future__ import annotations
 import socket
 import ssl
 import traceback
-from typing import Any, Protocol
+from typing import Protocol
 
 from luanbd import log
 from luanbd.backend import current
-from luanbd.backend.chain import Chain, bottom
+from luanbd.backend.chain import Chain
 from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
@@ -24,8 +24,9 @@ from luanbd.protocol.errors import ProtocolViolation
 from luanbd.protocol.handshake import NEED_DATA, HandshakeConfig
 from luanbd.protocol.replies import Buffers
 from luanbd.protocol.transmission import Request, RequestParser, Session
+from luanbd.server import compiled
 from luanbd.server.negotiation import Negotiation
-from luanbd.server.requests import RequestHandler
+from luanbd.server.requests import RequestHandler, StopFlag
 from luanbd.server.transport import (
     MAX_BATCH,
     WRITER_THRESHOLD,
@@ -54,13 +55,6 @@ class Shared(Protocol):
 RECV_SIZE = 256 * 1024
 
 
-try:
-    from luanbd.server import _fastpath
-except ImportError:  # installed without a C compiler: the Python loop serves everything
-    _fastpath = None  # type: ignore[assignment]
-FASTPATH_BUILT = _fastpath is not None
-
-
 class Connection:
     """Serve one client from greeting to close."""
 
@@ -73,10 +67,12 @@ class Connection:
         self.chain: Chain = service.chain
         self.lock: RequestLock = service.locks.request_lock()
         self.negotiation: Negotiation | None = None
-        #: nbdkit_disconnect was called: no more requests (read by the compiled loop too).
+        #: nbdkit_disconnect was called: the connection ends after the current batch.
         self.closing = False
-        #: The export takes writes (not -r, can_write): set when transmission starts.
-        self._writable = False
+        #: No new requests (ESHUTDOWN): set by nbdkit_disconnect and by server shutdown.
+        self.stop = StopFlag()
+        if service.stopping:
+            self.stop.set()
         #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
         self.tls = False
         self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
@@ -129,6 +125,7 @@ class Connection:
     def disconnect(self, force: bool) -> None:
         """nbdkit_disconnect: close at once (force) or after the request being served."""
         self.closing = True
+        self.stop.set()
         if force:
             self.shutdown_read()
 
@@ -146,14 +143,13 @@ class Connection:
 
     # --- transmission -------------------------------------------------------------------
     def _transmission(self, session: Session, trailing: bytes) -> None:
-        self._writable = not session.read_only
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended,
                                payload_buffer=writable_bytes)
         assert self.negotiation is not None
         ctx = self.negotiation.ctx
         assert ctx is not None
-        handler = RequestHandler(ctx, session, self.number, self.service, self)
+        handler = RequestHandler(ctx, session, self.number, self.stop)
         handle = handler.handle_request
         recv_into = self.sock.recv_into
         wait_all = 0 if self.tls else socket.MSG_WAITALL
@@ -164,17 +160,15 @@ class Connection:
                                f"conn-{self.number}-writer") if not self.tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
-        fast = self._fastpath_setup(session, handler)
+        fast = compiled.engage(session, handler, enabled=self.service.config.fastpath,
+                               sock=self.sock, tls=self.tls, chain=self.chain, lock=self.lock,
+                               stop=self.stop)
         try:
             while True:
-                if fast is not None and (state := parser.raw_state()) is not None:
+                if fast is not None:
                     # The compiled loop serves plain small READs and WRITEs until a request
                     # it leaves to the code below (which is the reference for both).
-                    send_lock = writer.lock if writer is not None and writer.started else None
-                    pos, end, eof = _fastpath.serve(fast, *state, send_lock)
-                    parser.set_raw_state(pos, end)
-                    if eof:
-                        raise ClientGone
+                    fast.run(parser, writer)
                 while True:
                     request = parser.next_request()
                     if request is NEED_DATA:
@@ -216,29 +210,6 @@ class Connection:
         finally:
             if writer is not None:
                 writer.stop()
-
-    def _fastpath_setup(self, session: Session,
-                        handler: RequestHandler) -> tuple[Any, ...] | None:
-        """The compiled loop's view of this connection (luanbd.server._fastpath), or None
-        where the Python loop must do everything: TLS (an SSL object), extended headers,
-        -v (request timing), a plugin that is not a Lua script."""
-        ctx = self.negotiation.ctx if self.negotiation is not None else None
-        if (_fastpath is None or not self.service.config.fastpath or ctx is None or self.tls
-                or log.verbose or session.extended_headers):
-            return None
-        plugin = self.chain.compiled_calls()
-        if plugin is None:  # a filter looks at plain requests, or not a Lua plugin
-            return None
-        call, pread, pwrite, api2 = plugin.fastpath_calls()
-        lock = self.lock
-
-        # Any result but success is answered by the handler, as the Python loop would.
-        handler.compiled = plugin
-        slow = handler.compiled_result
-        return (self.sock.fileno(), session.size, session.structured_replies, call, pread,
-                pwrite if self._writable else None, bottom(ctx.top).handle, api2, lock.acquire,
-                lock.release, self,
-                self.service, slow)
 
     def _send_batch(self, out: Buffers, size: int, writer: Writer | None) -> None:
         """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from luanbd import log
 from luanbd.backend.context import BackendContext
@@ -41,27 +41,40 @@ SLOW_REQUEST = 1.0
 _Result = bytes | memoryview | list[tuple[int, int]] | None
 
 
-class _Stopping(Protocol):
-    stopping: bool
+class StopFlag:
+    """Set once a connection may start no new request: server shutdown has begun or
+    nbdkit_disconnect was called.  proto.md: requests from then on get ESHUTDOWN.
 
+    The one flag both request loops check before each request: :class:`RequestHandler`
+    here, and the compiled loop (server/_fastpath.c), which reads ``cell`` in place (a
+    bytearray, so neither loop makes a call to look).
+    """
 
-class _Closing(Protocol):
-    closing: bool
+    __slots__ = ("cell",)
+
+    def __init__(self) -> None:
+        #: One byte, nonzero once set.
+        self.cell = bytearray(1)
+
+    def set(self) -> None:
+        self.cell[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self.cell[0])
 
 
 class RequestHandler:
     """Serves the requests of one connection's transmission phase."""
 
     def __init__(self, ctx: BackendContext, session: Session, number: int,
-                 service: _Stopping, conn: _Closing) -> None:
+                 stop: StopFlag) -> None:
         self.ctx = ctx
         self.session = session
         #: The connection's number, for log lines.
         self.number = number
-        # proto.md: once shutdown has begun (service.stopping) or nbdkit_disconnect was
-        # called (conn.closing), new requests get ESHUTDOWN.
-        self._service = service
-        self._conn = conn
+        #: Once set, new requests get ESHUTDOWN (read in place: ``self._stopped[0]``).
+        self.stop = stop
+        self._stopped = stop.cell
         self._plain = session.plain
         #: The plugin the compiled loop calls, when it serves this connection.
         self.compiled: CompiledCalls | None = None
@@ -74,7 +87,7 @@ class RequestHandler:
         """One request, answered with simple or structured replies (extended replies once
         extended headers are negotiated)."""
         if (self._plain.admits(req.cmd, req.flags, req.offset, req.length)
-                and not (self._service.stopping or self._conn.closing)):
+                and not self._stopped[0]):
             # The most common requests skip validate_request (nothing in it applies) and
             # the dispatch below; failures end as in _run.
             ctx = self.ctx
@@ -139,7 +152,7 @@ class RequestHandler:
         The result is the data of a READ, the extents of a BLOCK_STATUS, else None; the
         reply encoding (classic or extended headers) is the caller's.
         """
-        if self._service.stopping or self._conn.closing:
+        if self._stopped[0]:
             return None, errno.ESHUTDOWN
         ctx, session = self.ctx, self.session
         cmd, flags = req.cmd, req.flags

@@ -50,8 +50,9 @@ class Service:
         )
         #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
         self.ssl_context: ssl.SSLContext | None = None
-        #: Set once shutdown has begun: new connections are refused, requests get
-        #: ESHUTDOWN (a plain attribute: read once per request).
+        #: Set once shutdown has begun: new connections are refused, options get
+        #: NBD_REP_ERR_SHUTDOWN, and each connection's stop flag is set (its requests get
+        #: ESHUTDOWN).
         self.stopping = False
         #: Set when the process should stop (signal, nbdkit.shutdown(), --run ended).
         self.stop = threading.Event()
@@ -134,9 +135,13 @@ class Service:
         """Stop serving (proto.md: finish in-flight requests, answer later ones with
         ESHUTDOWN).  Clients get ``grace`` seconds to see ESHUTDOWN and leave; the rest are
         then cut off.  True if all connection threads ended within ``timeout`` seconds."""
-        self.stopping = True
         with self._lock:
+            # Under the lock: a connection being added now either is in the list or sees
+            # stopping when it is made (Connection.__init__).
+            self.stopping = True
             connections = list(self._connections.items())
+        for conn, _ in connections:
+            conn.stop.set()
         deadline = time.monotonic() + grace
         for _, thread in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
