@@ -10,8 +10,8 @@ It loads the shared harness's ``ram.lua`` (the script run-bench serves) into a
 requests handed to the sans-IO pieces the server uses: ``RequestParser.receive_data`` of a
 batch of request bytes, then per request ``next_request``, ``validate_request``, the
 context's ``pread``/``pwrite`` (one Lua call under the request lock) and the reply encoder.
-The ``handle-*`` rows call ``Connection._handle`` instead of the last three, and the
-``loop-*`` rows run ``Connection._transmission`` on a fake socket whose ``recv_into`` hands
+The ``handle-*`` rows call ``RequestHandler.handle_request`` instead of the last three, and
+the ``loop-*`` rows run ``Connection._transmission`` on a fake socket whose ``recv_into`` hands
 out the batches and whose ``sendmsg`` swallows the replies: the whole request loop, minus
 system calls.  A row whose luanbd internals changed shape is skipped with the reason.
 
@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from luanbd.backend.chain import Chain
 from luanbd.backend.context import BackendContext
 from luanbd.lua.plugin import LuaPlugin
 from luanbd.protocol import replies
@@ -75,7 +76,8 @@ class Bench:
         self.plugin.config_complete()
         self.plugin.get_ready()
         self.lock = threading.Lock()
-        self.ctx = BackendContext(self.plugin, self.lock, readonly=False)
+        self.ctx = BackendContext(Chain(self.plugin).connect(), self.lock, readonly=False,
+                                  thread_model=self.plugin.thread_model)
         caps = self.ctx.open()
         # As fio/nbdcopy negotiate it through libnbd: structured replies on.
         self.session = Session(b"", caps.size, caps.flags, True, None)
@@ -172,23 +174,28 @@ def parse_write_reply(b: Bench, data: list[bytes]) -> Callable[[int], object]:
 
 def make_connection(b: Bench) -> Any:
     """A Connection whose export is open on ``b.ctx``, with a stand-in Service; no socket."""
-    from luanbd.server import connection
+    from luanbd.backend.locks import Locks
+    from luanbd.config import ServerConfig
     from luanbd.server.connection import Connection
 
     # These rows time the Python loop (the reference, and the path of every request the
     # compiled loop hands back); the compiled loop needs a real socket: run-bench times it.
-    connection.FASTPATH = None
-    service = types.SimpleNamespace(plugin=b.plugin, shared_lock=b.lock,
-                                    stopping=False)
+    chain = Chain(b.plugin)
+    locks = Locks(chain.thread_model)
+    service = types.SimpleNamespace(chain=chain, locks=locks, stopping=False,
+                                    config=ServerConfig(script="", fastpath=False))
     conn = Connection(service, None, 1, "")  # type: ignore[arg-type]
-    conn.ctx = b.ctx
+    conn.lock = b.lock
+    conn.negotiation = types.SimpleNamespace(ctx=b.ctx)  # type: ignore[assignment]
     return conn
 
 
 def parse_handle(b: Bench, data: list[bytes]) -> Callable[[int], object]:
-    """receive_data + next_request, then Connection._handle (validate, call, reply)."""
-    conn = make_connection(b)
-    handle, session = conn._handle, b.session
+    """receive_data + next_request, then RequestHandler.handle_request (validate, call,
+    reply)."""
+    from luanbd.server.requests import RequestHandler, StopFlag
+
+    handle = RequestHandler(b.ctx, b.session, 1, StopFlag()).handle_request
     parser = RequestParser(b"", RECV_SIZE)
     k = len(data)
 
@@ -200,7 +207,7 @@ def parse_handle(b: Bench, data: list[bytes]) -> Callable[[int], object]:
                 req = parser.next_request()
                 if req is NEED_DATA:
                     break
-                out += handle(req, session)
+                out += handle(req)
     return run
 
 
@@ -256,7 +263,7 @@ class FakeSocket:
 
 def transmission_loop(b: Bench, data: list[bytes]) -> Callable[[int], object]:
     """Connection._transmission on a FakeSocket: the whole request loop, no system calls."""
-    from luanbd.server.connection import ClientGone
+    from luanbd.server.transport import ClientGone
 
     conn = make_connection(b)
     sock = FakeSocket(data)
@@ -322,7 +329,7 @@ def stage_pread(b: Bench, data: list[bytes]) -> Callable[[int], object]:
 def stage_lua_call(b: Bench, data: list[bytes]) -> Callable[[int], object]:
     """The raw lupa call of the script's pread, no luanbd wrapper (nor the request lock)."""
     batches = [[(r.length, r.offset) for r in reqs] for reqs in parsed(data)]
-    fn, h = b.plugin.g.pread, b.ctx.handle
+    fn, h = b.plugin.g.pread, b.ctx.top.handle
     k = len(batches)
 
     def run(n: int) -> None:
@@ -353,9 +360,10 @@ VARIANTS: list[tuple[str, str, Callable[..., Callable[[int], object]], Cmd, int,
      16, False),
     ("read-1m", "as read-4k, 1 MiB sequential", parse_read_reply, Cmd.READ, MIB, 4, True),
     ("write-1m", "as write-4k, 1 MiB sequential", parse_write_reply, Cmd.WRITE, MIB, 4, True),
-    ("handle-read-4k", "parse + Connection._handle", parse_handle, Cmd.READ, 4 * KIB, 16, False),
-    ("handle-write-4k", "parse + Connection._handle", parse_handle, Cmd.WRITE, 4 * KIB, 16,
-     False),
+    ("handle-read-4k", "parse + RequestHandler.handle_request", parse_handle, Cmd.READ,
+     4 * KIB, 16, False),
+    ("handle-write-4k", "parse + RequestHandler.handle_request", parse_handle, Cmd.WRITE,
+     4 * KIB, 16, False),
     ("loop-read-4k", "Connection._transmission, fake socket", transmission_loop, Cmd.READ,
      4 * KIB, 16, False),
     ("loop-write-4k", "Connection._transmission, fake socket", transmission_loop, Cmd.WRITE,

@@ -31,10 +31,12 @@ from typing import Any
 
 import pytest
 
+from luanbd.backend.chain import Chain
 from luanbd.config import ServerConfig
+from luanbd.lua.startup import LuaStartup
 from luanbd.protocol.constants import LARGE_DATA, Cmd
 from luanbd.protocol.transmission import _CMDS, PlainRequests
-from luanbd.server import compiled, lifecycle
+from luanbd.server import compiled
 from luanbd.server.requests import RequestHandler
 from luanbd.server.service import Service
 from protocol import vectors as v
@@ -226,12 +228,11 @@ class Server:
             full_at=FULL_AT, disconnect_at=DISCONNECT_AT))
         self.config = ServerConfig(script=str(script), readonly=readonly, fastpath=fastpath,
                                    lua_memory_limit=memory_limit)
-        self.plugin = lifecycle.load_plugin(self.config)
-        self.plugin.config_complete()
-        self.plugin.get_ready()
-        self.plugin.after_fork()
-        self.plugin.serving(None)
-        self.service = Service(self.plugin, self.config)
+        startup = LuaStartup(self.config)
+        self.plugin = startup.load()
+        startup.ready(self.plugin)
+        startup.after_fork(self.plugin)
+        self.service = Service(Chain(self.plugin), self.config)
         self.client, server = socket.socketpair()
         self.service.handle(server, "")
 
