@@ -221,7 +221,7 @@ class FakeSocket:
         self.i = 0
         self.pending = memoryview(b"")
 
-    def recv_into(self, buf: Any, nbytes: int = 0) -> int:
+    def recv_into(self, buf: Any, nbytes: int = 0, flags: int = 0) -> int:
         if not self.pending:
             if self.left == 0:
                 return 0
