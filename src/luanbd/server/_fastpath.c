@@ -2,8 +2,8 @@
  * compiled.
  *
  * At one request in flight (QD1) CPython spends more time interpreting the request path
- * (parse, dispatch, reply) than the kernel spends moving the bytes: ~16 us per request
- * against nbdkit's ~3 us of user time (bench/README.md).  This loop does the same steps as
+ * (parse, dispatch, reply) than the kernel spends moving the bytes (bench/README.md has
+ * the figures).  This loop does the same steps as
  * the Python loop (server/connection.py _transmission, server/requests.py) for a plain
  * READ or WRITE without the interpreter: it receives into the parser's buffer, parses
  * classic headers, calls the Lua wrapper through lupa (which takes lupa's own lock and

@@ -30,7 +30,7 @@ from luanbd.protocol.replies import (
 )
 from luanbd.protocol.transmission import Request, Session, validate_request
 
-# Plain ints for the request flags: IntFlag arithmetic costs ~0.6 us per request.
+# Plain ints for the request flags: IntFlag arithmetic is slow on a per-request path.
 _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
     int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
 _READ, _WRITE, _BLOCK_STATUS = Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS
