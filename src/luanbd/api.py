@@ -68,11 +68,11 @@ def serve(plugin: str | os.PathLike[str] | Plugin, *,
                           port=port, ipaddr=host)
     if isinstance(plugin, str | os.PathLike):
         startup = LuaStartup(config)
-        lua_plugin = startup.load()
-        startup.ready(lua_plugin)
+        chain = startup.load()
+        startup.ready(chain)
         # After after_fork, os.exit in a callback must not end the caller's process.
-        startup.after_fork(lua_plugin)
-        server = Server(Chain(lua_plugin), config, connection_plugin=startup.connection_plugin)
+        startup.after_fork(chain)
+        server = Server(chain, config, connection_plugin=startup.connection_plugin)
     else:
         server = Server(Chain(plugin), config)
     server.bind()

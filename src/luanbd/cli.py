@@ -93,7 +93,8 @@ Running options:
 
 Plugin options:
   --lua=5.4|5.1|5.2|5.3|5.5|luajit the Lua runtime (default 5.4)
-  --filter FILTER                  refused, except --filter=limit (see --limit)
+  --filter FILTER                  a built-in filter in front of the script (repeatable,
+                                   the first nearest the client; SCRIPT_HELP lists them)
   --request-timeout=DELAY          a Lua callback running longer fails (EIO)
   --lua-memory-limit=SIZE          Lua allocations past SIZE fail (ENOMEM)
   --lua-gc=incremental|generational
@@ -183,6 +184,8 @@ class Command:
     def __init__(self) -> None:
         self.config: ServerConfig | None = None
         self.help = False
+        #: --filter names (limit aside), known before a script is: --help shows theirs.
+        self.filters: list[str] = []
         self.version = False
         self.dump_plugin = False
         self.dump_config = False
@@ -292,6 +295,7 @@ def parse_args(argv: list[str]) -> Command:
     ns = _parser().parse_intermixed_args(argv)
     cmd = Command()
     cmd.help, cmd.version, cmd.dump_plugin = ns.help, ns.version, ns.dump_plugin
+    cmd.filters = [f for f in ns.filter if f != "limit"]
     cmd.dump_config = ns.dump_config
     script, params = split_params(ns.args)
     if script is not None:
@@ -375,6 +379,7 @@ def parse_args(argv: list[str]) -> Command:
         listen_fds=listen_fds,
         handshake_timeout=_delay("--timeout", ns.timeout, DEFAULT_HANDSHAKE_TIMEOUT),
         connection_limit=connection_limit,
+        filters=tuple(f for f in ns.filter if f != "limit"),
         request_timeout=_delay("--request-timeout", ns.request_timeout, None),
         lua_memory_limit=(_size("--lua-memory-limit", ns.lua_memory_limit)
                           if ns.lua_memory_limit is not None else None),
@@ -406,12 +411,8 @@ def _connection_limit(limit: str | None, filters: list[str],
                       params: list[tuple[str | None, str]]) -> int:
     """``--limit=N``, or nbdkit's ``--filter=limit [limit=N]`` (default 1, as
     nbdkit-limit-filter(1)); the filter's ``limit=`` is its own, not the script's."""
-    unsupported = [f for f in filters if f != "limit"]
-    if unsupported:
-        raise UsageError(f"--filter={unsupported[0]}: filters are not supported by luanbd "
-                         f"(only --filter=limit, as a connection limit)")
     value = limit
-    if filters:
+    if "limit" in filters:
         own = [p for p in params if p[0] == "limit"]
         for item in own:
             params.remove(item)
@@ -426,6 +427,7 @@ def _connection_limit(limit: str | None, filters: list[str],
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``luanbd`` command."""
+    from luanbd import filters
     from luanbd.lua import startup
     from luanbd.server import lifecycle
 
@@ -446,47 +448,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"luanbd {__version__}", flush=True)
         return 0
     if cmd.dump_config:
+        from luanbd.dump_config import dump_config
+
         print(dump_config(), flush=True)
         return 0
     if cmd.help:
-        return startup.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}", SCRIPT_HELP)
+        try:
+            text = filters.help_text(cmd.filters)
+        except StartupError as err:
+            log.error(str(err))
+            return 1
+        return startup.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}\n{text}",
+                                  SCRIPT_HELP)
     assert cmd.config is not None
-    return lifecycle.run(cmd.config, startup.LuaStartup(cmd.config), dump_plugin=cmd.dump_plugin)
-
-
-def fastpath_state() -> str:
-    """yes: the compiled request loop serves plain READ/WRITE; no: not built (no C compiler
-    at install); off: LUANBD_FASTPATH=0."""
-    from luanbd.config import ServerConfig
-    from luanbd.server import compiled
-
-    if not compiled.FASTPATH_BUILT:
-        return "no"
-    return "yes" if ServerConfig(script="").fastpath else "off"
-
-
-def dump_config() -> str:
-    """``key=value`` build facts, as ``nbdkit --dump-config``."""
-    from luanbd.config import ServerConfig, plugin_dir
-    from luanbd.lua import lualib, runtime
-
-    installed = runtime.installed()
-    incomplete = [lua for lua in installed
-                  if not runtime.stdlib_complete(runtime.import_module(lua))]
-    major, minor = __version__.split(".")[:2]
-    binary = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else "luanbd"
-    lines = [
-        f"binary={binary}",
-        "exit_with_parent=yes",
-        f"fastpath={fastpath_state()}",
-        f"lua_incomplete={','.join(incomplete)}",
-        f"lua_versions={','.join(installed)}",
-        f"lualib={lualib.state(ServerConfig(script='').lualib)}",
-        f"plugindir={plugin_dir()}",
-        "tls=yes",
-        "tls_psk=no",
-        f"version={__version__}",
-        f"version_major={major}",
-        f"version_minor={minor}",
-    ]
-    return "\n".join(lines)
+    try:
+        layers = [filters.create(name) for name in cmd.config.filters]
+    except StartupError as err:
+        log.error(str(err))
+        return 1
+    return lifecycle.run(cmd.config, startup.LuaStartup(cmd.config, layers),
+                         dump_plugin=cmd.dump_plugin)

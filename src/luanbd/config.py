@@ -104,6 +104,8 @@ class ServerConfig:
     listen_fds: int = 0
     #: --timeout: seconds to finish the handshake (None: no limit).
     handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT
+    #: --filter=NAME in command-line order (the first nearest the client), limit aside.
+    filters: tuple[str, ...] = ()
     #: --limit (or --filter=limit limit=N): concurrent connections; 0 = no limit.
     connection_limit: int = DEFAULT_CONNECTION_LIMIT
     #: --request-timeout: seconds a Lua callback may run once serving (None: no limit).

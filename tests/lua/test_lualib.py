@@ -693,7 +693,7 @@ import lupa.lua54
 from luanbd.config import ServerConfig
 from luanbd.lua.startup import LuaStartup
 config = ServerConfig(script=sys.argv[1])
-plugin = LuaStartup(config).load()
+plugin = LuaStartup(config).load().plugin
 stock = lupa.lua54.LuaRuntime(encoding=None).eval("tostring(table.concat)")
 print(config.lualib, plugin.lualib, plugin.g.tostring(plugin.g.captured) == stock)
 """

@@ -62,7 +62,9 @@ def _bad(path: Path, forbidden: tuple[str, ...], package: str | None = None,
             if any(_within(m, f) for f in forbidden)]
 
 
-SERVER_FORBIDDEN = ("luanbd.lua", "lupa")
+SERVER_FORBIDDEN = ("luanbd.lua", "luanbd.filters", "lupa")
+#: Filters are backend layers: the server runs them, the Lua binding never sees them.
+FILTERS_FORBIDDEN = ("luanbd.server", "luanbd.lua", "lupa")
 BACKEND_FORBIDDEN = ("luanbd.server", "luanbd.lua", "lupa")
 
 
@@ -78,6 +80,7 @@ RULES: dict[str, Callable[[Path, Path], list[tuple[int, str]]]] = {
     "server": lambda path, root: _bad(path, SERVER_FORBIDDEN, root=root),
     "backend": lambda path, root: _bad(path, BACKEND_FORBIDDEN, root=root),
     "protocol": lambda path, root: _not_stdlib(path, root=root),
+    "filters": lambda path, root: _bad(path, FILTERS_FORBIDDEN, root=root),
 }
 
 
@@ -92,6 +95,12 @@ def test_backend_imports_neither_server_nor_lua(path: Path) -> None:
     assert not bad, f"backend/{path.name} imports {bad}"
 
 
+@pytest.mark.parametrize("path", _files("filters"), ids=[p.name for p in _files("filters")])
+def test_filters_import_neither_server_nor_lua(path: Path) -> None:
+    bad = RULES["filters"](path, ROOT)
+    assert not bad, f"filters/{path.name} imports {bad}"
+
+
 @pytest.mark.parametrize("path", _files("protocol"), ids=[p.name for p in _files("protocol")])
 def test_protocol_imports_only_the_standard_library(path: Path) -> None:
     bad = RULES["protocol"](path, ROOT)
@@ -104,6 +113,7 @@ def test_the_rules_see_the_files() -> None:
     assert {"connection.py", "lifecycle.py"} <= names["server"]
     assert {"chain.py", "interface.py"} <= names["backend"]
     assert {"handshake.py", "transmission.py"} <= names["protocol"]
+    assert {"__init__.py", "offset.py"} <= names["filters"]
 
 
 def test_the_scan_catches_each_kind_of_import(tmp_path: Path) -> None:

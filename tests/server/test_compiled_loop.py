@@ -31,7 +31,6 @@ from typing import Any
 
 import pytest
 
-from luanbd.backend.chain import Chain
 from luanbd.config import ServerConfig
 from luanbd.lua.startup import LuaStartup
 from luanbd.protocol.constants import LARGE_DATA, Cmd
@@ -229,10 +228,11 @@ class Server:
         self.config = ServerConfig(script=str(script), readonly=readonly, fastpath=fastpath,
                                    lua_memory_limit=memory_limit)
         startup = LuaStartup(self.config)
-        self.plugin = startup.load()
-        startup.ready(self.plugin)
-        startup.after_fork(self.plugin)
-        self.service = Service(Chain(self.plugin), self.config)
+        chain = startup.load()
+        startup.ready(chain)
+        startup.after_fork(chain)
+        self.plugin = chain.plugin
+        self.service = Service(chain, self.config)
         self.client, server = socket.socketpair()
         self.service.handle(server, "")
 

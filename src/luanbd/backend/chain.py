@@ -13,7 +13,7 @@ once, emulation, locking and the preconditions asserted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from luanbd.backend.interface import (
     CacheMode,
@@ -30,6 +30,8 @@ class Backend:
 
     #: Shown in log lines (nbdkit's filter name).
     name = "filter"
+    #: The filter's parameters, for --help (nbdkit-filter(3)'s config_help).
+    config_help = ""
 
     @property
     def thread_model(self) -> ThreadModel:
@@ -44,6 +46,21 @@ class Backend:
         return cls.pread is Backend.pread and cls.pwrite is Backend.pwrite
 
     # --- process-wide ---------------------------------------------------------------------
+    def config(self, next: Callable[[str, str], None], key: str, value: str) -> None:
+        """A ``key=value`` of the command line: take the filter's own keys, pass the rest
+        on with ``next`` (they end at the plugin)."""
+        next(key, value)
+
+    def config_complete(self, next: Callable[[], None]) -> None:
+        """Every key was given: check this layer's configuration, then ``next()``."""
+        next()
+
+    def get_ready(self) -> None:
+        """The chain below is ready; this layer may now refuse to start (StartupError)."""
+
+    def after_fork(self) -> None:
+        """The server listens and has daemonised."""
+
     def cleanup(self) -> None:
         """The server stops serving (nbdkit's .cleanup); called once per layer."""
 
@@ -229,11 +246,13 @@ class PluginContext(Context):
     """The last layer's context: calls go straight to the plugin (one call less per
     request than going through :class:`PluginBackend`)."""
 
-    __slots__ = ("plugin",)
+    __slots__ = ("next_extents", "plugin")
 
     def __init__(self, plugin: Plugin) -> None:
         super().__init__(PluginBackend(plugin), None)
         self.plugin = plugin
+        #: The plugin's can_extents, once asked (nbdkit asks once per connection).
+        self.next_extents: bool | None = None
 
     def preconnect(self, readonly: bool) -> None:
         self.plugin.preconnect(readonly)
@@ -278,7 +297,8 @@ class PluginContext(Context):
         return self.plugin.can_fast_zero(self.handle)
 
     def can_extents(self) -> bool:
-        return self.plugin.can_extents(self.handle)
+        self.next_extents = self.plugin.can_extents(self.handle)
+        return self.next_extents
 
     def can_fua(self) -> FuaMode:
         return self.plugin.can_fua(self.handle)
@@ -308,6 +328,11 @@ class PluginContext(Context):
         self.plugin.cache(self.handle, count, offset, flags)
 
     def extents(self, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+        if self.next_extents is None:  # a filter that never asked
+            self.can_extents()
+        if not self.next_extents:
+            # A filter asks a plugin without extents: all of it is data (nbdkit backend.c).
+            return [(offset, count, 0)]
         return self.plugin.extents(self.handle, count, offset, flags)
 
 
@@ -337,9 +362,45 @@ class Chain:
     def __init__(self, plugin: Plugin, filters: Sequence[Backend] = ()) -> None:
         self.plugin = plugin
         self.filters = tuple(filters)
-        models = [f.thread_model for f in self.filters] + [plugin.thread_model]
-        #: nbdkit: the chain runs under the most restrictive thread model of its layers.
-        self.thread_model = ThreadModel(min(models))
+
+    @property
+    def thread_model(self) -> ThreadModel:
+        """nbdkit: the chain runs under the most restrictive thread model of its layers
+        (asked when serving starts: a Lua script's is known after config_complete)."""
+        models = [f.thread_model for f in self.filters] + [self.plugin.thread_model]
+        return ThreadModel(min(models))
+
+    def config(self, key: str, value: str, plugin_config: Callable[[str, str], None]) -> None:
+        """Route one ``key=value`` from the first filter on; what no filter takes reaches
+        ``plugin_config``."""
+        self._config_from(0, plugin_config)(key, value)
+
+    def _config_from(self, i: int,
+                     plugin_config: Callable[[str, str], None]) -> Callable[[str, str], None]:
+        if i == len(self.filters):
+            return plugin_config
+        layer, rest = self.filters[i], self._config_from(i + 1, plugin_config)
+        return lambda key, value: layer.config(rest, key, value)
+
+    def config_complete(self, plugin_config_complete: Callable[[], None]) -> None:
+        """Each filter's config_complete from the first on; the last ``next()`` is the
+        plugin's."""
+        self._config_complete_from(0, plugin_config_complete)()
+
+    def _config_complete_from(self, i: int, last: Callable[[], None]) -> Callable[[], None]:
+        if i == len(self.filters):
+            return last
+        layer, rest = self.filters[i], self._config_complete_from(i + 1, last)
+        return lambda: layer.config_complete(rest)
+
+    def get_ready(self) -> None:
+        """Filters from the one nearest the plugin outwards, after the plugin (nbdkit)."""
+        for layer in reversed(self.filters):
+            layer.get_ready()
+
+    def after_fork(self) -> None:
+        for layer in reversed(self.filters):
+            layer.after_fork()
 
     def with_plugin(self, plugin: Plugin) -> Chain:
         """The same filters in front of another instance of the plugin (a connection's own

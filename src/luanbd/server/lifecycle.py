@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, Protocol
+from typing import Protocol
 
 from luanbd import log
 from luanbd.backend.chain import Chain
@@ -30,22 +30,23 @@ _PR_SET_PDEATHSIG = 1
 
 
 class PluginStartup(Protocol):
-    """How the plugin at the chain's end is made and started (lua/startup.py for a script)."""
+    """How the chain is made and started (lua/startup.py for a script and its filters)."""
 
-    def load(self) -> Any:
+    def load(self) -> Chain:
         """Loaded and configured (load, config...), not yet config_complete."""
+        ...
 
-    def ready(self, plugin: Any) -> None:
+    def ready(self, chain: Chain) -> None:
         """config_complete, then get_ready."""
 
-    def after_fork(self, plugin: Any) -> None:
+    def after_fork(self, chain: Chain) -> None:
         """Once listening (and daemonised): after_fork; clients are served from now on."""
 
     def connection_plugin(self) -> Plugin:
-        """A fresh, started instance for one connection."""
+        """A fresh, started plugin instance for one connection."""
         ...
 
-    def dump_plugin(self, plugin: Any) -> None:
+    def dump_plugin(self, chain: Chain) -> None:
         """--dump-plugin's output."""
 
 
@@ -88,23 +89,22 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
     try:
         if config.tls is not TlsMode.OFF and not dump_plugin:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
-        plugin = startup.load()
+        chain = startup.load()
         if dump_plugin:
             # Output that cannot be written (a closed pipe, a full disk) is the command's
             # concern, for every informational option alike (luanbd/__main__.py).
-            startup.dump_plugin(plugin)
+            startup.dump_plugin(chain)
             return 0
-        startup.ready(plugin)
+        startup.ready(chain)
     except UsageError as err:
         log.usage_error(str(err))
         return 1
     except StartupError as err:
         log.error(str(err))
         return 1
-    # The filters of --filter: today only limit, which is config.connection_limit.
-    server = Server(Chain(plugin), config, ssl_context=ssl_context,
+    server = Server(chain, config, ssl_context=ssl_context,
                     connection_plugin=startup.connection_plugin)
-    return _serve(server, lambda: startup.after_fork(plugin))
+    return _serve(server, lambda: startup.after_fork(chain))
 
 
 def _debug_flags_enable_debug(flags: tuple[str, ...]) -> bool:

@@ -1,0 +1,40 @@
+"""nbdkit's filters, built in: ``--filter=NAME`` puts the layer of ``luanbd.filters.NAME``
+between the server and the plugin (backend/chain.py).  Each module defines ``Filter``, a
+:class:`~luanbd.backend.chain.Backend` with nbdkit's name, parameters and behaviour
+(nbdkit-NAME-filter(1)).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from luanbd.backend.chain import Backend
+from luanbd.backend.interface import StartupError
+
+#: Every built-in filter, by nbdkit's name -> module of this package.
+BUILTIN = {
+    "nofilter": "nofilter",
+    "noextents": "noextents",
+    "noparallel": "noparallel",
+    "offset": "offset",
+    "truncate": "truncate",
+}
+
+
+def create(name: str) -> Backend:
+    """A new instance of the built-in filter ``name``; StartupError for an unknown one."""
+    module = BUILTIN.get(name)
+    if module is None:
+        raise StartupError(f"--filter={name}: luanbd has no such filter (its filters: "
+                           f"{', '.join(sorted([*BUILTIN, 'limit']))})")
+    layer: Backend = importlib.import_module(f"{__name__}.{module}").Filter()
+    return layer
+
+
+def help_text(names: list[str]) -> str:
+    """For --help: the built-in filters, then the parameters of each one named."""
+    lines = ["Filters (--filter=NAME): " + ", ".join(sorted([*BUILTIN, "limit"]))]
+    for name in names:
+        layer = create(name)
+        lines += ["", f"filter: {name}", layer.config_help or "(no parameters)"]
+    return "\n".join(lines)
