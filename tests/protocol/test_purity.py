@@ -3,7 +3,6 @@ nothing from the layers built on top of it (an AST scan, so lazy imports count t
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import luanbd.protocol
+from protocol.test_layers import _imports as scan_imports
 
 PACKAGE_DIR = Path(luanbd.protocol.__file__).parent
 FILES = sorted(PACKAGE_DIR.glob("*.py"))
@@ -24,29 +24,8 @@ def _is_forbidden(module: str) -> bool:
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """Every module named by an import statement, relative imports resolved."""
-    package = "luanbd.protocol"
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            found.append((node.lineno, module))
-            # "from luanbd import server" names luanbd.server
-            found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute):
-            # __import__("socket") / importlib.import_module("socket")
-            name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
-            if name in ("__import__", "import_module") and node.args and isinstance(
-                    node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                found.append((node.lineno, node.args[0].value))
-    return found
+    """Every module an import names (test_layers.py's scan), as seen from luanbd.protocol."""
+    return scan_imports(path, "luanbd.protocol")
 
 
 def test_the_scan_sees_the_files() -> None:
