@@ -17,6 +17,7 @@ BUILTIN = {
     "noextents": "noextents",
     "noparallel": "noparallel",
     "offset": "offset",
+    "partition": "partition",
     "truncate": "truncate",
 }
 

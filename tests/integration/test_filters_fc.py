@@ -1,0 +1,188 @@
+"""The partition, readonly and exportname filters against nbdkit's (as test_filters.py):
+the same Lua script behind the same ``--filter`` under ``nbdkit`` and ``luanbd``, observed
+through libnbd and compared whole; bad parameters give the same start-up error."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
+
+from differential import (  # noqa: E402
+    LUANBD,
+    NBDKIT,
+    Observation,
+    Session,
+    diff_observations,
+    nbdkit_available,
+    observe,
+)
+from test_filters import exercise  # noqa: E402
+
+pytestmark = pytest.mark.skipif(nbdkit_available() is not None,
+                                reason=str(nbdkit_available()))
+
+SECTOR = 512
+#: The partitioned disks: 4 MiB.
+DISK_SECTORS = 8192
+
+
+# --- disks with partition tables, written byte by byte ----------------------------------------
+
+def _mbr_entry(kind: int, start: int, count: int) -> bytes:
+    return struct.pack("<B3sB3sII", 0, b"\0\0\0", kind, b"\0\0\0", start, count)
+
+
+def _boot_sector(entries: list[bytes]) -> bytes:
+    table = b"".join(entries).ljust(64, b"\0")
+    return bytes(0x1BE) + table + b"\x55\xaa"
+
+
+def _mark(disk: bytearray, sector: int, text: str) -> None:
+    """Recognisable bytes at the start of a partition."""
+    data = (text.encode() * 200)[:2 * SECTOR]
+    disk[sector * SECTOR:sector * SECTOR + len(data)] = data
+
+
+def mbr_disk() -> bytes:
+    """Two primary partitions."""
+    disk = bytearray(DISK_SECTORS * SECTOR)
+    disk[:SECTOR] = _boot_sector([_mbr_entry(0x83, 2048, 2048), _mbr_entry(0x83, 4096, 2048)])
+    _mark(disk, 2048, "one")
+    _mark(disk, 4096, "two")
+    return bytes(disk)
+
+
+def extended_disk() -> bytes:
+    """One primary partition, then an extended one holding two logical partitions (5, 6)."""
+    disk = bytearray(DISK_SECTORS * SECTOR)
+    disk[:SECTOR] = _boot_sector([_mbr_entry(0x83, 2048, 1024), _mbr_entry(0x05, 4096, 4096)])
+    # EBRs: the first entry is relative to the EBR, the link relative to the extended one.
+    disk[4096 * SECTOR:4097 * SECTOR] = _boot_sector([_mbr_entry(0x83, 64, 1024),
+                                                      _mbr_entry(0x05, 2048, 1088)])
+    disk[6144 * SECTOR:6145 * SECTOR] = _boot_sector([_mbr_entry(0x83, 64, 1000)])
+    _mark(disk, 2048, "primary")
+    _mark(disk, 4096 + 64, "logical5")
+    _mark(disk, 6144 + 64, "logical6")
+    return bytes(disk)
+
+
+def gpt_disk() -> bytes:
+    """A GPT (with its protective MBR) of 128 entries, partitions 1 and 2 used."""
+    disk = bytearray(DISK_SECTORS * SECTOR)
+    disk[:SECTOR] = _boot_sector([_mbr_entry(0xEE, 1, DISK_SECTORS - 1)])
+    header = bytearray(92)
+    header[:8] = b"EFI PART"
+    struct.pack_into("<II", header, 80, 128, 128)
+    disk[SECTOR:SECTOR + len(header)] = header
+    linux = bytes.fromhex("af3dc60f838472478e793d69d8477de4")
+    for i, (first, last) in enumerate([(2048, 4095), (4096, 6143)]):
+        entry = linux + bytes([i + 1] * 16) + struct.pack("<QQ", first, last)
+        disk[2 * SECTOR + 128 * i:2 * SECTOR + 128 * i + len(entry)] = entry
+        _mark(disk, first, f"gpt{i + 1}")
+    return bytes(disk)
+
+
+DISKS: dict[str, Callable[[], bytes]] = {
+    "mbr": mbr_disk,
+    "extended": extended_disk,
+    "gpt": gpt_disk,
+    "blank": lambda: bytes(DISK_SECTORS * SECTOR),
+    "tiny": lambda: bytes(1000),
+}
+
+
+def on_disk(tmp: Path, disk: str, args: tuple[str, ...], filters: tuple[str, ...],
+            client: Callable[[Session], None] = exercise) -> tuple[Observation, Observation]:
+    """Each server gets its own copy of the disk (the client writes to it)."""
+    image = DISKS[disk]()
+    obs = []
+    for server in (NBDKIT, LUANBD):
+        path = tmp / f"{server.name}.img"
+        path.write_bytes(image)
+        obs.append(observe(server, "file.lua", (f"file={path}", *args),
+                           options=tuple(f"--filter={f}" for f in filters), client=client))
+        # The log names the file: the same name under both servers.
+        shutil.move(path, tmp / "done.img")
+    return obs[0], obs[1]
+
+
+# --- partition --------------------------------------------------------------------------------
+
+PARTITION_CASES = [
+    ("mbr", "partition=1"),
+    ("mbr", "partition=2"),
+    ("extended", "partition=1"),
+    ("extended", "partition=5"),
+    ("extended", "partition=6"),
+    ("gpt", "partition=1"),
+    ("gpt", "partition=2"),
+    ("gpt", "partition=0x2"),
+]
+
+
+@pytest.mark.parametrize(("disk", "arg"), PARTITION_CASES,
+                         ids=[f"{d}:{a}" for d, a in PARTITION_CASES])
+def test_partition_same_as_nbdkit(tmp_path: Path, disk: str, arg: str) -> None:
+    expected, got = on_disk(tmp_path, disk, (arg,), ("partition",))
+    assert not expected.timed_out and not got.timed_out
+    assert expected == got, diff_observations(expected, got)
+    assert got.size is not None and got.connect_error is None
+
+
+def test_partition_serves_the_partition(tmp_path: Path) -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.record("head", h.pread(16, 0))
+
+    expected, got = on_disk(tmp_path, "extended", ("partition=6",), ("partition",), client)
+    assert expected == got, diff_observations(expected, got)
+    assert got.size == 1000 * SECTOR
+    assert got.extra["head"] == b"logical6logical6"
+
+
+#: A partition that is not there, or no partition table: the connection fails (at open).
+MISSING = [
+    ("mbr", "partition=3"),
+    ("mbr", "partition=4"),
+    ("mbr", "partition=5"),
+    ("extended", "partition=2"),
+    ("extended", "partition=9"),
+    ("gpt", "partition=3"),
+    ("gpt", "partition=129"),
+    ("blank", "partition=1"),
+    ("tiny", "partition=1"),
+]
+
+
+@pytest.mark.parametrize(("disk", "arg"), MISSING, ids=[f"{d}:{a}" for d, a in MISSING])
+def test_missing_partition_fails_as_nbdkit(tmp_path: Path, disk: str, arg: str) -> None:
+    expected, got = on_disk(tmp_path, disk, (arg,), ("partition",))
+    assert expected == got, diff_observations(expected, got)
+    assert expected.connect_error is not None
+
+
+def test_missing_partition_messages(tmp_path: Path) -> None:
+    for disk, arg, message in [("extended", "partition=9", "MBR partition 9 not found"),
+                               ("gpt", "partition=129", "GPT partition number out of range"),
+                               ("blank", "partition=1", "disk does not contain MBR or GPT "
+                                                        "partition table signature")]:
+        expected, got = on_disk(tmp_path, disk, (arg,), ("partition",))
+        assert expected == got, diff_observations(expected, got)
+        assert message in got.log, got.log
+
+
+PARTITION_BAD = ["partition=0", "partition=abc", "partition=", "partition=-1", "partition=3x",
+                 "partition=4294967296", None]
+
+
+@pytest.mark.parametrize("arg", PARTITION_BAD, ids=[str(a) for a in PARTITION_BAD])
+def test_partition_bad_parameters_fail_as_nbdkit(tmp_path: Path, arg: str | None) -> None:
+    expected, got = on_disk(tmp_path, "mbr", (arg,) if arg else (), ("partition",))
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1
