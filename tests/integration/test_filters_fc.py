@@ -18,9 +18,11 @@ from differential import (  # noqa: E402
     NBDKIT,
     Observation,
     Session,
+    describe,
     diff_observations,
     nbdkit_available,
     observe,
+    pattern,
 )
 from test_filters import exercise  # noqa: E402
 
@@ -186,3 +188,57 @@ def test_partition_bad_parameters_fail_as_nbdkit(tmp_path: Path, arg: str | None
     expected, got = on_disk(tmp_path, "mbr", (arg,) if arg else (), ("partition",))
     assert expected == got, diff_observations(expected, got)
     assert expected.exit_code == 1
+
+
+# --- readonly (nbdkit 1.38: no nbdkit here has it; luanbd alone, and against nbdkit -r) -------
+
+def test_readonly_is_like_dash_r() -> None:
+    """Without readonly-file the filter is nbdkit's -r: the same observation (the plugin's
+    open is told readonly=true too, which ramdisk.lua's trace shows)."""
+    args = ("size=1048576", "trace=1")
+    expected = observe(NBDKIT, "ramdisk.lua", args, options=("-r",), client=exercise)
+    got = observe(LUANBD, "ramdisk.lua", args, options=("--filter=readonly",), client=exercise)
+    assert expected == got, diff_observations(expected, got)
+    assert got.caps["is_read_only"]
+    assert "trace: open readonly=true (boolean)" in got.log
+    assert got.outcome("write#9 512@1048064") == "EPERM"
+
+
+def test_readonly_file_switches_writes_at_run_time(tmp_path: Path) -> None:
+    flag = tmp_path / "ro"
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.write(h, 1, 512, 0)
+        flag.touch()
+        h2 = s.connect()  # a connection opened while the file exists is writable too
+        s.record("second_read_only", bool(h2.is_read_only()))
+        s.write(h, 2, 512, 0)
+        s.write(h2, 3, 512, 0)
+        s.op("trim", h.trim, 4096, 0)
+        s.op("zero", h.zero, 4096, 0)
+        s.op("flush", h.flush)
+        s.read(h, 512, 0)
+        flag.unlink()
+        s.write(h2, 4, 512, 0)
+        s.read(h, 512, 0)
+
+    got = observe(LUANBD, "ramdisk.lua", ("size=1048576", f"readonly-file={flag}"),
+                  options=("--filter=readonly",), client=client)
+    assert not got.caps["is_read_only"] and not got.extra["second_read_only"]
+    outcomes = [v for _, v in got.ops]
+    assert outcomes[0] == "ok"
+    assert outcomes[1:5] == ["EPERM"] * 4
+    assert outcomes[5] == "ok"  # flush is not refused
+    assert outcomes[6] == describe(pattern(1, 512))  # nothing refused reached the disk
+    assert outcomes[7] == "ok"
+    assert outcomes[8] == describe(pattern(4, 512))
+    for fn in ("pwrite", "trim", "zero"):
+        assert f"{fn} operation rejected by readonly filter" in got.errors()
+
+
+def test_readonly_file_twice_is_refused(tmp_path: Path) -> None:
+    got = observe(LUANBD, "ramdisk.lua", ("readonly-file=a", "readonly-file=b"),
+                  options=("--filter=readonly",))
+    assert got.exit_code == 1
+    assert got.startup_error == "readonly-file parameter appears multiple times"

@@ -18,6 +18,7 @@ BUILTIN = {
     "noparallel": "noparallel",
     "offset": "offset",
     "partition": "partition",
+    "readonly": "readonly",
     "truncate": "truncate",
 }
 
