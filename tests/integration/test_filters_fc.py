@@ -4,6 +4,8 @@ through libnbd and compared whole; bad parameters give the same start-up error."
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import struct
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from differential import (  # noqa: E402
     Session,
     describe,
     diff_observations,
+    errno_name,
     nbdkit_available,
     observe,
     pattern,
@@ -242,3 +245,116 @@ def test_readonly_file_twice_is_refused(tmp_path: Path) -> None:
                   options=("--filter=readonly",))
     assert got.exit_code == 1
     assert got.startup_error == "readonly-file parameter appears multiple times"
+
+
+# --- exportname -------------------------------------------------------------------------------
+
+def names(s: Session) -> None:
+    """``nbdinfo --list`` (which connects to each export listed), then connections by name:
+    the canonical name and description the server gives, or the errno."""
+    rc, out = s.nbdinfo("--list", "--json")
+    s.record("list", json.loads(out) if rc == 0 else f"exit {rc}")
+    for name in ["", "a", "b", "nosuch"]:
+        h = nbd.NBD()
+        h.set_export_name(name)
+        h.set_full_info(True)
+        try:
+            h.connect_unix(s.sock)
+        except nbd.Error as e:
+            s.record(f"connect {name!r}", errno_name(e))
+            continue
+        s.record(f"connect {name!r}", (h.get_size(), h.get_canonical_export_name(),
+                                       _description(h)))
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+
+
+def _description(h: nbd.NBD) -> str | None:
+    try:
+        description: str = h.get_export_description()
+    except nbd.Error:
+        return None
+    return description
+
+
+EXPORTNAME_CASES = [
+    (),
+    ("default-export=a",),
+    ("exportname-list=explicit", "exportname=a", "exportname=b"),
+    ("exportname-list=explicit", "exportname=a", "exportname=b", "exportdesc=fixed:hello"),
+    ("exportname-list=defaultonly", "default-export=b"),
+    ("exportname-list=default-only",),
+    ("exportname-list=empty",),
+    ("exportname-list=error",),
+    ("exportname-strict=true", "exportname=a", "exportname=b"),
+    ("exportname-strict=true", "exportname=", "exportname=a", "default-export=a"),
+    ("exportname-strict=1", "exportname=", "exportname-list=explicit"),
+    ("exportname_list=explicit", "exportname=a", "exportdesc=none"),
+    ("exportname-list=explicit", "exportname=a", "exportname=b",
+     "exportdesc=script:echo \"<$name>\""),
+    ("exportdesc=script:printf 'no newline %s' \"$name\"", "default-export=b"),
+]
+
+
+@pytest.mark.parametrize("args", EXPORTNAME_CASES, ids=[",".join(a) for a in EXPORTNAME_CASES])
+def test_exportname_same_as_nbdkit(args: tuple[str, ...]) -> None:
+    obs = [observe(server, "ramdisk.lua", args, options=("--filter=exportname",), client=names)
+           for server in (NBDKIT, LUANBD)]
+    assert not obs[0].timed_out and not obs[1].timed_out
+    assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
+    assert obs[1].extra
+
+
+def test_exportname_strict_refuses_other_names() -> None:
+    got = observe(LUANBD, "ramdisk.lua", ("exportname-strict=true", "exportname=a"),
+                  options=("--filter=exportname",), client=names)
+    assert got.extra["connect 'a'"][1] == "a"
+    assert got.extra["connect 'b'"] == "ENOENT"
+    assert "export 'b not found" in got.errors()
+
+
+EXPORTNAME_BAD = [("exportname-list=some",), ("exportname-strict=maybe",),
+                  ("exportdesc=other",)]
+
+
+@pytest.mark.parametrize("args", EXPORTNAME_BAD, ids=[",".join(a) for a in EXPORTNAME_BAD])
+def test_exportname_bad_parameters_fail_as_nbdkit(args: tuple[str, ...]) -> None:
+    obs = [observe(server, "ramdisk.lua", args, options=("--filter=exportname",))
+           for server in (NBDKIT, LUANBD)]
+    assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
+    assert obs[0].exit_code == 1
+
+
+LISTING = """\
+API_VERSION = 2
+function list_exports (readonly, is_tls)
+   return { "a", { name = "b", description = "the second" } }
+end
+function default_export (readonly, is_tls) return "a" end
+function export_description (h) return "from the plugin" end
+function open (readonly) return {} end
+function get_size (h) return 512 end
+function pread (h, count, offset, flags) return string.rep("x", count) end
+"""
+
+
+def test_exportname_keeps_or_rewrites_a_plugins_list(tmp_path: Path) -> None:
+    """nbdkit's Lua plugin has no list_exports (luanbd's has): luanbd alone."""
+    script = tmp_path / "listing.lua"
+    script.write_text(LISTING)
+
+    def listed(*args: str) -> Observation:
+        # (script None: observe would copy a script given by its absolute path onto itself)
+        return observe(LUANBD, None, (str(script), *args), options=("--filter=exportname",),
+                       client=names)
+
+    def exports(obs: Observation) -> list[tuple[str, str | None]]:
+        return [(e["export-name"], e.get("description")) for e in obs.extra["list"]["exports"]]
+
+    kept = listed()
+    assert exports(kept) == [("a", None), ("b", "the second")]
+    assert kept.extra["connect ''"] == (512, "a", "from the plugin")
+    scripted = listed("exportdesc=script:echo \"[$name]\"", "default-export=b")
+    assert exports(scripted) == [("a", "[a]"), ("b", "[b]")]
+    assert scripted.extra["connect ''"] == (512, "b", "[b]")
+    assert exports(listed("exportname-list=defaultonly")) == [("a", None)]
