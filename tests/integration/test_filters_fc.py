@@ -93,7 +93,43 @@ def gpt_disk() -> bytes:
     return bytes(disk)
 
 
+def bad_ebr_chain() -> bytes:
+    """The second EBR links back to the first."""
+    disk = bytearray(extended_disk())
+    disk[6144 * SECTOR:6145 * SECTOR] = _boot_sector([_mbr_entry(0x83, 64, 1000),
+                                                      _mbr_entry(0x05, 0, 100)])
+    return bytes(disk)
+
+
+def logical_too_big() -> bytes:
+    """Logical partition 6 runs past the end of the extended partition."""
+    disk = bytearray(extended_disk())
+    disk[6144 * SECTOR:6145 * SECTOR] = _boot_sector([_mbr_entry(0x83, 64, 4000)])
+    return bytes(disk)
+
+
+def mbr_past_the_end() -> bytes:
+    disk = bytearray(mbr_disk())
+    disk[:SECTOR] = _boot_sector([_mbr_entry(0x83, 2048, 2048), _mbr_entry(0x83, 4096, 8192)])
+    return bytes(disk)
+
+
+def gpt_with(entries: int, entry_size: int, last: int = 4095) -> Callable[[], bytes]:
+    def disk() -> bytes:
+        d = bytearray(gpt_disk())
+        struct.pack_into("<II", d, SECTOR + 80, entries, entry_size)
+        struct.pack_into("<Q", d, 2 * SECTOR + 40, last)
+        return bytes(d)
+    return disk
+
+
 DISKS: dict[str, Callable[[], bytes]] = {
+    "bad-ebr-chain": bad_ebr_chain,
+    "logical-too-big": logical_too_big,
+    "mbr-past-the-end": mbr_past_the_end,
+    "gpt-small-entries": gpt_with(128, 64),
+    "gpt-huge-table": gpt_with(100000, 128),
+    "gpt-past-the-end": gpt_with(128, 128, last=9000),
     "mbr": mbr_disk,
     "extended": extended_disk,
     "gpt": gpt_disk,
@@ -128,6 +164,7 @@ PARTITION_CASES = [
     ("gpt", "partition=1"),
     ("gpt", "partition=2"),
     ("gpt", "partition=0x2"),
+    ("bad-ebr-chain", "partition=6"),  # found before the bad link is followed
 ]
 
 
@@ -138,6 +175,21 @@ def test_partition_same_as_nbdkit(tmp_path: Path, disk: str, arg: str) -> None:
     assert not expected.timed_out and not got.timed_out
     assert expected == got, diff_observations(expected, got)
     assert got.size is not None and got.connect_error is None
+
+
+STACKS = [(("offset", "partition"), ("partition=5", "offset=4K")),
+          (("partition", "noextents"), ("partition=6",)),
+          (("truncate", "partition"), ("partition=5", "truncate=3M")),
+          (("nofilter", "partition", "nofilter"), ("partition=1",))]
+
+
+@pytest.mark.parametrize(("filters", "args"), STACKS,
+                         ids=["+".join(f) + ":" + ",".join(a) for f, a in STACKS])
+def test_partition_in_a_stack(tmp_path: Path, filters: tuple[str, ...],
+                              args: tuple[str, ...]) -> None:
+    expected, got = on_disk(tmp_path, "extended", args, filters)
+    assert expected == got, diff_observations(expected, got)
+    assert got.connect_error is None and got.size
 
 
 def test_partition_serves_the_partition(tmp_path: Path) -> None:
@@ -162,6 +214,12 @@ MISSING = [
     ("gpt", "partition=129"),
     ("blank", "partition=1"),
     ("tiny", "partition=1"),
+    ("bad-ebr-chain", "partition=7"),
+    ("logical-too-big", "partition=6"),
+    ("mbr-past-the-end", "partition=2"),
+    ("gpt-small-entries", "partition=1"),
+    ("gpt-huge-table", "partition=1"),
+    ("gpt-past-the-end", "partition=1"),
 ]
 
 
@@ -284,6 +342,7 @@ EXPORTNAME_CASES = [
     ("exportname-list=explicit", "exportname=a", "exportname=b", "exportdesc=fixed:hello"),
     ("exportname-list=defaultonly", "default-export=b"),
     ("exportname-list=default-only",),
+    ("exportname-list=defaultonly", "exportname-strict=true", "exportname=a"),
     ("exportname-list=empty",),
     ("exportname-list=error",),
     ("exportname-strict=true", "exportname=a", "exportname=b"),
