@@ -13,10 +13,13 @@ from luanbd.backend.interface import StartupError
 
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
+    "exportname": "exportname",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",
     "offset": "offset",
+    "partition": "partition",
+    "readonly": "readonly",
     "truncate": "truncate",
 }
 

@@ -214,7 +214,7 @@ class Negotiation:
             with self.lock:
                 canonical = self.top.default_export(readonly, info.is_tls)
             if canonical is None:
-                raise PluginError("default_export", "the default export is not available")
+                raise PluginError("default_export", 'default export ("") not permitted', bare=True)
         info.export_name = canonical
         ctx = BackendContext(self.top, self.lock, readonly=readonly,
                              thread_model=self.chain.thread_model)

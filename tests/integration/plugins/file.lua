@@ -1,0 +1,52 @@
+-- file.lua: serve a file (for the differential tests of filters that read what is on the
+-- disk, such as partition tables).
+--
+-- Keys:  file=PATH           the file to serve (required); it is opened read-write
+
+local path = nil
+
+function config (key, value)
+   if key == "file" then
+      path = value
+   else
+      error("unknown parameter: " .. key)
+   end
+end
+
+function config_complete ()
+   if path == nil then error("file parameter is required") end
+end
+
+function open (readonly)
+   local f, err = io.open(path, readonly and "rb" or "r+b")
+   if f == nil then error(err) end
+   return { f = f }
+end
+
+function close (h)
+   h.f:close()
+end
+
+function get_size (h)
+   return h.f:seek("end")
+end
+
+function pread (h, count, offset)
+   h.f:seek("set", offset)
+   local data = h.f:read(count) or ""
+   if #data < count then data = data .. string.rep("\0", count - #data) end
+   return data
+end
+
+function pwrite (h, buf, offset)
+   h.f:seek("set", offset)
+   h.f:write(buf)
+end
+
+function flush (h)
+   h.f:flush()
+end
+
+function can_flush (h)
+   return true
+end
