@@ -110,6 +110,46 @@ def test_blocksize_figures() -> None:
     assert all("count=100 " not in line for line in got.log)
 
 
+# ---------------------------------------------------------------------- blocksize-policy
+POLICY = [
+    (("blocksize-policy",), ()),
+    (("blocksize-policy",), ("blocksize-preferred=64K",)),
+    (("blocksize-policy",), ("blocksize-minimum=512", "blocksize-error-policy=error")),
+    (("blocksize-policy",), ("blocksize-minimum=4K", "blocksize-maximum=8K",
+                             "blocksize-error-policy=error", "trace=1")),
+    (("blocksize-policy",), ("blocksize-minimum=1K", "blocksize-preferred=2K",
+                             "blocksize-maximum=1M", "blocksize-error-policy=allow")),
+    (("blocksize-policy",), ("blocksize-minimum=512", "blocksize-preferred=4K",
+                             "blocksize-maximum=4K", "blocksize-error-policy=error")),
+    # Only a minimum above the default preferred 4096: the handshake fails, as nbdkit's.
+    (("blocksize-policy",), ("blocksize-minimum=8K",)),
+    # The man page's stack: the client is told 64K, the plugin sees only 64K blocks.
+    (("blocksize-policy", "blocksize"), ("blocksize-error-policy=allow",
+                                         "blocksize-minimum=64K", "minblock=64K", "trace=1")),
+    (("blocksize", "blocksize-policy"), ("minblock=512", "blocksize-minimum=512",
+                                         "blocksize-error-policy=error")),
+]
+
+
+@pytest.mark.parametrize(("filters", "args"), POLICY,
+                         ids=["+".join(f) + ":" + ",".join(a) for f, a in POLICY])
+def test_blocksize_policy_same_as_nbdkit(filters: tuple[str, ...],
+                                         args: tuple[str, ...]) -> None:
+    assert_same(filters, args, exercise)
+    assert_same(filters, args, unaligned)
+
+
+def test_blocksize_policy_figures() -> None:
+    got = assert_same(("blocksize-policy",), ("blocksize-minimum=4K", "blocksize-maximum=8K",
+                                              "blocksize-error-policy=error"), unaligned)
+    assert got.extra["block_size"] == [4096, 4096, 8192]
+    assert got.outcome("write#1 100@3") == "EINVAL"
+    assert "client pwrite request rejected: count 100 is smaller than minimum size 4096" \
+        in got.log
+    got = assert_same(("blocksize-policy",), ("blocksize-preferred=64K",), unaligned)
+    assert got.extra["block_size"] == [1, 65536, 0xFFFFFFFF]
+
+
 BAD = [
     (("blocksize",), ("minblock=3",)),
     (("blocksize",), ("minblock=128K",)),
@@ -118,6 +158,17 @@ BAD = [
     (("blocksize",), ("minblock=512", "maxdata=1000")),
     (("blocksize",), ("minblock=512", "maxlen=1000")),
     (("blocksize",), ("maxlen=x",)),
+    (("blocksize-policy",), ("blocksize-minimum=3",)),
+    (("blocksize-policy",), ("blocksize-minimum=128K",)),
+    (("blocksize-policy",), ("blocksize-minimum=x",)),
+    (("blocksize-policy",), ("blocksize-maximum=5G",)),
+    (("blocksize-policy",), ("blocksize-preferred=256",)),
+    (("blocksize-policy",), ("blocksize-preferred=3000",)),
+    (("blocksize-policy",), ("blocksize-minimum=8K", "blocksize-preferred=4K")),
+    (("blocksize-policy",), ("blocksize-preferred=64K", "blocksize-maximum=32K")),
+    (("blocksize-policy",), ("blocksize-error-policy=maybe",)),
+    # Not a parameter of nbdkit 1.32's filter: it reaches the script.
+    (("blocksize-policy",), ("blocksize-write-disconnect=1M",)),
 ]
 
 

@@ -14,6 +14,7 @@ from luanbd.backend.interface import StartupError
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
     "blocksize": "blocksize",
+    "blocksize-policy": "blocksize_policy",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",
