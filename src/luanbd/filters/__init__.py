@@ -15,6 +15,8 @@ from luanbd.backend.interface import StartupError
 BUILTIN = {
     "blocksize": "blocksize",
     "blocksize-policy": "blocksize_policy",
+    "cacheextents": "cacheextents",
+    "checkwrite": "checkwrite",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",
