@@ -178,6 +178,14 @@ BAD = [
     (("blocksize-policy",), ("blocksize-write-disconnect=1M",)),
     (("checkwrite",), ("fail=open",)),
     (("cacheextents",), ("fail=config",)),
+    (("exitwhen",), ("exit-when-pipe-closed=x",)),
+    (("exitwhen",), ("exit-when-pipe-closed=2147483648",)),
+    (("exitwhen",), ("exit-when-fd-closed=12abc",)),
+    (("exitwhen",), ("exit-when-process-exits=-1",)),
+    (("exitwhen",), ("exit-when-pid-exits=999999999",)),
+    (("exitwhen",), ("exit-when-poll=x",)),
+    (("exitwhen",), ("exit-when-poll=-3",)),
+    (("exitlast",), ("fail=config_complete",)),
 ]
 
 
@@ -304,3 +312,140 @@ def test_checkwrite_refuses_fast_zeroes_and_lives_on() -> None:
                        ("read 16@0", got.outcome("read 16@0"))]
     assert got.outcome("read 16@0").startswith("data n=16")
     assert got.stop_code == 0
+
+
+# ------------------------------------------------------------------------ exitlast, exitwhen
+def _alive(s: Session, wait: float = 0.5) -> bool:
+    """Still running after ``wait`` seconds?"""
+    return s.wait_exit(wait) is None
+
+
+def last_one_out(s: Session) -> None:
+    """Two clients; the server lives on while one is connected and ends after the last."""
+    a = s.connect_and_probe()
+    b = s.connect()
+    s.read(a, 512, 0)
+    s.disconnect(a)
+    s.record("alive after the first left", _alive(s))
+    s.read(b, 512, 0)
+    s.disconnect(b)
+    s.record("exit status after the last left", s.wait_exit(10))
+
+
+def test_exitlast_same_as_nbdkit() -> None:
+    got = assert_same(("exitlast",), ("trace=1",), last_one_out)
+    assert got.extra["alive after the first left"] is True
+    assert got.extra["exit status after the last left"] == 0
+
+
+def test_exitlast_no_client_no_exit() -> None:
+    def client(s: Session) -> None:
+        s.record("alive", _alive(s, 1.0))
+        h = s.connect_and_probe()
+        s.disconnect(h)
+        s.record("exit status", s.wait_exit(10))
+
+    got = assert_same(("exitlast", "offset"), ("offset=4K",), client)
+    assert got.extra == {"alive": True, "exit status": 0, "structured_replies": True}
+
+
+def _when(event: str, name: str) -> Callable[[Session], None]:
+    """A client around ``event`` (create or delete the file ``name`` in the server's
+    directory): connected while it happens, the server waits for it to leave."""
+    def client(s: Session) -> None:
+        flag = s.tmp / name
+        a = s.connect_and_probe()
+        if event == "create":
+            flag.write_text("x")
+        else:
+            flag.unlink()
+        s.read(a, 512, 0)
+        s.record("alive while connected", _alive(s, 1.5))
+        s.disconnect(a)
+        s.record("exit status", s.wait_exit(10))
+
+    return client
+
+
+@pytest.mark.parametrize(("key", "event", "name"),
+                         [("exit-when-file-created", "create", "flag"),
+                          # The script itself (copied into the server's directory).
+                          ("exit-when-file-deleted", "delete", "ramdisk.lua")])
+def test_exitwhen_file_same_as_nbdkit(key: str, event: str, name: str) -> None:
+    got = assert_same(("exitwhen",), (f"{key}={name}", "exit-when-poll=1", "trace=1"),
+                      _when(event, name))
+    assert got.extra["alive while connected"] is True
+    assert got.extra["exit status"] == 0
+
+
+def test_exitwhen_polls_without_clients_same_as_nbdkit() -> None:
+    def client(s: Session) -> None:
+        s.record("alive", _alive(s, 1.0))
+        (s.tmp / "flag").write_text("x")
+        s.record("exit status", s.wait_exit(10))
+
+    got = assert_same(("exitwhen",), ("exit-when-file-created=flag", "exit-when-poll=1"),
+                      client)
+    assert got.extra == {"alive": True, "exit status": 0}
+
+
+def test_exitwhen_refuses_new_clients_once_exiting_same_as_nbdkit() -> None:
+    def client(s: Session) -> None:
+        a = s.connect_and_probe()
+        (s.tmp / "flag").write_text("x")
+        try:
+            s.connect()
+        except Exception as err:  # ConnectFailed, recorded by connect
+            s.record("second", type(err).__name__)
+        s.disconnect(a)
+        s.record("exit status", s.wait_exit(10))
+
+    got = assert_same(("exitwhen",), ("exit-when-file-created=flag", "exit-when-poll=1"),
+                      client)
+    assert got.extra["exit status"] == 0
+    assert "exitwhen: SERVER is exiting: rejecting new connection" in got.log
+
+
+def test_exitwhen_event_before_serving_same_as_nbdkit() -> None:
+    expected, got = (observe(server, "ramdisk.lua",
+                             (f"size={SIZE}", "exit-when-file-deleted=nothing-here"),
+                             options=("--filter=exitwhen",)) for server in (NBDKIT, LUANBD))
+    assert expected == got, diff_observations(expected, got)
+    assert got.exit_code == 0
+
+
+def test_exitwhen_script_same_as_nbdkit() -> None:
+    def client(s: Session) -> None:
+        s.record("alive", _alive(s, 1.5))
+        (s.tmp / "flag").write_text("x")
+        s.record("exit status", s.wait_exit(10))
+
+    script = "test -e flag && exit 88; exit 3"
+    got = assert_same(("exitwhen",), (f"exit-when-script={script}", "exit-when-poll=1"),
+                      client)
+    assert got.extra == {"alive": True, "exit status": 0}
+    assert "exit-when-script: command failed with exit code 3" in got.log
+
+
+def test_exitwhen_process_exits_same_as_nbdkit() -> None:
+    import subprocess
+
+    obs = []
+    for server in (NBDKIT, LUANBD):
+        watched = subprocess.Popen(["sleep", "60"])
+        try:
+            def client(s: Session, watched: subprocess.Popen[bytes] = watched) -> None:
+                s.record("alive", _alive(s, 1.0))
+                watched.kill()
+                watched.wait()
+                s.record("exit status", s.wait_exit(10))
+
+            obs.append(observe(server, "ramdisk.lua",
+                               (f"size={SIZE}", f"exit-when-process-exits={watched.pid}",
+                                "exit-when-poll=1"),
+                               options=("--filter=exitwhen",), client=client))
+        finally:
+            watched.kill()
+            watched.wait()
+    assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
+    assert obs[1].extra == {"alive": True, "exit status": 0}

@@ -17,6 +17,8 @@ BUILTIN = {
     "blocksize-policy": "blocksize_policy",
     "cacheextents": "cacheextents",
     "checkwrite": "checkwrite",
+    "exitlast": "exitlast",
+    "exitwhen": "exitwhen",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",
