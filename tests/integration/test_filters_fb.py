@@ -449,3 +449,32 @@ def test_exitwhen_process_exits_same_as_nbdkit() -> None:
             watched.wait()
     assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
     assert obs[1].extra == {"alive": True, "exit status": 0}
+
+
+def test_blocksize_aligns_extents() -> None:
+    """No oracle (nbdkit 1.32's Lua plugin has no extents): nbdkit_extents_aligned's rule,
+    a block cut by an extent boundary has only the types all its pieces share."""
+    from luanbd.filters.blocksize import _aligned_extents as aligned
+
+    assert aligned([(0, 100, 3), (100, 900, 0), (1000, 3096, 3)], 0, 4096, 512) == [
+        (0, 1024, 0), (1024, 3072, 3)]
+    assert aligned([(0, 4096, 3)], 0, 4096, 512) == [(0, 4096, 3)]
+    assert aligned([(0, 700, 3), (700, 300, 3), (1000, 100, 3)], 0, 1536, 512) == [
+        (0, 1024, 3)]  # the partial last block is left for the next request
+    assert aligned([(0, 100, 3)], 0, 512, 512) == [(0, 512, 0)]  # less than a block: data
+
+
+def test_exitwhen_sees_a_closed_pipe() -> None:
+    """No differential run: the test servers do not inherit a pipe."""
+    import os
+
+    from luanbd.filters.exitwhen import _FdClosed
+
+    r, w = os.pipe()
+    try:
+        event = _FdClosed(r)
+        assert not event.happened()
+        os.close(w)
+        assert event.happened()
+    finally:
+        os.close(r)

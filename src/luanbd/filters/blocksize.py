@@ -80,6 +80,10 @@ def _aligned_extents(raw: list[tuple[int, int, int]], start: int, end: int,
                 else:
                     out.append((pos - align, align, pending))
                 pending = None
+    if not out and pending is not None:
+        # The plugin told less than one block: call it data (always true), so that the
+        # client still makes progress.
+        out.append((block_end - align, align, 0))
     return out
 
 
