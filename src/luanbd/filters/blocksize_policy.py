@@ -44,7 +44,12 @@ class _Sizes:
 
 class Filter(Backend):
     name = "blocksize-policy"
-    config_help = ""
+    config_help = ("blocksize-minimum=<N>       Minimum block size to advertise.\n"
+                   "blocksize-preferred=<N>     Preferred block size to advertise.\n"
+                   "blocksize-maximum=<N>       Maximum block size to advertise.\n"
+                   "blocksize-error-policy=allow|error\n"
+                   "                            Pass on (default) or refuse (EINVAL) requests "
+                   "that break them.")
 
     def __init__(self) -> None:
         self.minimum = self.preferred = self.maximum = 0

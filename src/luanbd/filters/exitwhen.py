@@ -143,7 +143,12 @@ class _Script(_Event):
 
 class Filter(Backend):
     name = "exitwhen"
-    config_help = ""
+    config_help = ("exit-when-file-created=<FILE>   Exit when FILE exists.\n"
+                   "exit-when-file-deleted=<FILE>   Exit when FILE is gone.\n"
+                   "exit-when-pipe-closed=<FD>      Exit when the pipe or socket FD closes.\n"
+                   "exit-when-process-exits=<PID>   Exit when process PID exits.\n"
+                   "exit-when-script=<SCRIPT>       Exit when SCRIPT exits with status 88.\n"
+                   "exit-when-poll=<SECS>           Seconds between checks (default 60).")
 
     def __init__(self) -> None:
         self.events: list[_Event] = []
