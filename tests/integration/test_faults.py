@@ -651,8 +651,8 @@ def _bad(cb: str, message: str) -> tuple[str, str]:
 
 
 NOT_BOOLEAN = "return value is not a boolean"
-#: Callbacks of the handshake: the client's NBD_OPT_GO fails (libnbd: ENOENT; preconnect:
-#: the connection is closed).  Each misbehaves only once (when=once).
+#: Callbacks of the handshake: the client's NBD_OPT_GO fails (libnbd: ENOENT; preconnect,
+#: block_size: the connection is closed).  Each misbehaves only once (when=once).
 HANDSHAKE_CASES = {
     **{f"{cb}-raises": (f"fail={cb}", injected(cb)) for cb in (
         "preconnect", "default_export", "export_description", "block_size", "can_write",
@@ -691,6 +691,10 @@ def test_handshake_callback_misbehaves(start_server: StartServer, workdir: Path,
     if param == "fail=preconnect":
         assert "server disconnected unexpectedly" in str(failure.value)
         assert read_lines(calls) == []  # open was never called
+    elif "block_size" in case:
+        # As nbdkit: block_size is asked while NBD_INFO_BLOCK_SIZE is built, and its
+        # failure ends the connection (nbdkit's blocksize-policy filter shows it).
+        assert "server disconnected unexpectedly" in str(failure.value)
     else:
         assert failure.value.errnum == errno.ENOENT, failure.value
         assert "server has no export named ''" in str(failure.value)

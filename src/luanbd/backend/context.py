@@ -37,6 +37,19 @@ _ZEROES = bytes(ZERO_EMULATION_CHUNK)
 MAX_DESCRIPTOR = 0xFFFFF000
 
 
+class BlockSizeFailed(PluginError):
+    """block_size failed while the export was opened: nbdkit drops the connection there
+    (it is asked while the NBD_INFO_BLOCK_SIZE reply is built) instead of refusing the
+    option."""
+
+
+def _block_size(p: Context) -> tuple[int, int, int] | None:
+    try:
+        return p.block_size()
+    except PluginError as err:
+        raise BlockSizeFailed(err.callback, str(err), err.errno, bare=True) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """Every capability of one handle, asked once at open (nbdkit protocol_common_open)."""
@@ -123,7 +136,7 @@ class BackendContext:
                     can_multi_conn=(self.thread_model > ThreadModel.SERIALIZE_CONNECTIONS
                                     and p.can_multi_conn()),
                     can_cache=p.can_cache(),
-                    block_size=p.block_size(),
+                    block_size=_block_size(p),
                     description=p.export_description(),
                 )
             except BaseException:

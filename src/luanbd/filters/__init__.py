@@ -13,6 +13,12 @@ from luanbd.backend.interface import StartupError
 
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
+    "blocksize": "blocksize",
+    "blocksize-policy": "blocksize_policy",
+    "cacheextents": "cacheextents",
+    "checkwrite": "checkwrite",
+    "exitlast": "exitlast",
+    "exitwhen": "exitwhen",
     "exportname": "exportname",
     "nofilter": "nofilter",
     "noextents": "noextents",

@@ -18,7 +18,7 @@ from typing import Protocol
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Chain, Context
-from luanbd.backend.context import BackendContext
+from luanbd.backend.context import BackendContext, BlockSizeFailed
 from luanbd.backend.interface import PluginError
 from luanbd.backend.locks import RequestLock
 from luanbd.config import ServerConfig
@@ -198,6 +198,9 @@ class Negotiation:
         self.close_export()  # a GO after an INFO opens afresh, as nbdkit does
         try:
             info = self._open_export(event.export_name)
+        except BlockSizeFailed as err:
+            log.error(str(err))
+            raise ClientGone from None  # as nbdkit: the connection just ends
         except PluginError as err:
             log.error(str(err))
             return hs.option_error_reply(Rep.ERR_UNKNOWN, "could not open the export")
