@@ -13,9 +13,12 @@ from luanbd.backend.interface import StartupError
 
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
+    "fua": "fua",
+    "nocache": "nocache",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",
+    "nozero": "nozero",
     "offset": "offset",
     "truncate": "truncate",
 }
