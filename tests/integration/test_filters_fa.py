@@ -98,6 +98,18 @@ BAD = [
     (("nozero",), ("fastzeromode=fast",)),
     (("fua",), ("fuamode=none",)),
     (("fua",), ("fuamode=sometimes",)),
+    (("error",), ("error-rate=x",)),
+    (("error",), ("error-rate=150%",)),
+    (("error",), ("error-rate=2",)),
+    (("error",), ("error-rate=-1",)),
+    (("error",), ("error-rate=inf",)),
+    (("error",), ("error-rate=",)),
+    (("error",), ("error-rate=50%x",)),
+    (("error",), ("error=EFOO",)),
+    (("error",), ("error-pread=EBADF",)),
+    (("error",), ("error-cache-rate=1.5",)),
+    (("error",), ("error-zero-rate=0.5.",)),
+    (("error",), ("error-flush-rate=1",)),  # not the filter's: the script refuses it
 ]
 
 
@@ -156,3 +168,75 @@ def test_the_filters_do_their_job() -> None:
     # nop: cache is accepted and nothing reaches the plugin.
     got = assert_same(("nocache",), (f"size={SIZE}", "trace=1", "cachemode=nop"))
     assert got.outcome("cache 8192@0") == "ok"
+
+
+# --- error ---------------------------------------------------------------------------------
+
+ERROR_CASES: list[tuple[str, ...]] = [
+    ("error-rate=100%",),
+    ("error-rate=1", "error=ENOSPC"),
+    ("error-rate=0",),
+    ("error-rate=0%", "error-pread-rate=100%", "error-pread=EPERM"),
+    ("error=ENOSPC", "error-pwrite-rate=100%", "error-zero-rate=1"),
+    ("error-trim-rate=1", "error-trim=ESHUTDOWN", "error=EINVAL"),
+    ("error-zero-rate=1.0", "error-zero=ENOMEM"),
+    ("error-cache-rate=1", "error-extents-rate=1"),
+    ("error-rate=nan",),  # nbdkit's comparisons: nan always injects
+    ("error-rate=0x1",),
+    ("error-rate=1", "error-file=absent"),
+    ("error-rate=1", "error-pread-file=absent"),
+]
+
+
+@pytest.mark.parametrize("args", ERROR_CASES, ids=[",".join(a) for a in ERROR_CASES])
+def test_error_same_as_nbdkit(args: tuple[str, ...]) -> None:
+    got = assert_same(("error",), (f"size={SIZE}", "trace=1", *args))
+    assert got.size == SIZE and got.connect_error is None
+
+
+def test_error_injects_what_it_is_told() -> None:
+    got = assert_same(("error",), (f"size={SIZE}", "error-rate=100%"))
+    assert got.outcome("read 4096@0") == "EIO"
+    assert "injecting EIO error into pread" in got.errors()
+    got = assert_same(("error",), (f"size={SIZE}", "error=ENOSPC", "error-pwrite-rate=100%"))
+    assert got.outcome("write#1 4096@0") == "ENOSPC"
+    assert got.outcome("read 4096@0") == "zeroes n=4096"  # reads are untouched
+    got = assert_same(("error",), (f"size={SIZE}", "error-rate=1", "error-file=absent"))
+    assert all(v != "EIO" for _, v in got.ops)
+
+
+def trigger_file(s: Session) -> None:
+    """Errors only while the trigger file exists (the server's working directory is
+    s.tmp, where the relative error-file= points)."""
+    h = s.connect_and_probe()
+    s.read(h, 512, 0)
+    (s.tmp / "inject").touch()
+    s.read(h, 512, 0)
+    s.write(h, 1, 512, 0)
+    (s.tmp / "inject").unlink()
+    s.read(h, 512, 0)
+    s.write(h, 2, 512, 0)
+    s.disconnect(h)
+
+
+def test_error_file_switches_errors_on_and_off() -> None:
+    got = assert_same(("error",), (f"size={SIZE}", "error-rate=100%", "error-file=inject",
+                                   "error=EPERM"), client=trigger_file)
+    assert [v for _, v in got.ops] == ["zeroes n=512", "EPERM", "EPERM", "zeroes n=512", "ok"]
+    assert got.errors() == ["injecting EPERM error into pread",
+                            "injecting EPERM error into pwrite"]
+
+
+def test_error_rate_between_0_and_1_injects_some() -> None:
+    """50%: of 200 reads, some fail and some do not (nbdkit's is random too)."""
+
+    def reads(s: Session) -> None:
+        h = s.connect_and_probe()
+        for _ in range(200):
+            s.read(h, 512, 0)
+        s.disconnect(h)
+
+    got = observe(LUANBD, "ramdisk.lua", (f"size={SIZE}", "error-rate=50%"),
+                  options=("--filter=error",), client=reads)
+    outcomes = [v for _, v in got.ops]
+    assert 20 < outcomes.count("EIO") < 180, outcomes.count("EIO")
