@@ -5,6 +5,8 @@ same start-up error and exit status."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
@@ -13,6 +15,7 @@ from differential import (  # noqa: E402
     LUANBD,
     NBDKIT,
     Observation,
+    Server,
     Session,
     diff_observations,
     nbdkit_available,
@@ -110,6 +113,24 @@ BAD = [
     (("error",), ("error-cache-rate=1.5",)),
     (("error",), ("error-zero-rate=0.5.",)),
     (("error",), ("error-flush-rate=1",)),  # not the filter's: the script refuses it
+    (("delay",), ("rdelay=x",)),
+    (("delay",), ("rdelay=-1",)),
+    (("delay",), ("rdelay=1x",)),
+    (("delay",), ("rdelay=1.5",)),
+    (("delay",), ("rdelay=99999999999",)),
+    (("delay",), ("rdelay=4294968",)),
+    (("delay",), ("rdelay=2147483648",)),
+    (("delay",), ("rdelay=ms",)),
+    (("delay",), ("rdelay=5MS",)),
+    (("delay",), ("rdelay=",)),
+    (("delay",), ("rdelay=09",)),
+    (("delay",), ("delay-read=1h",)),
+    (("delay",), ("delay-close=1.5.5",)),
+    (("delay",), ("delay-open=abc",)),
+    (("delay",), ("wdelay=xms",)),
+    (("delay",), ("delay-cache=-2",)),
+    (("delay",), ("delay-fast-zero=maybe",)),
+    (("delay",), ("delay-flush=1",)),
 ]
 
 
@@ -240,3 +261,62 @@ def test_error_rate_between_0_and_1_injects_some() -> None:
                   options=("--filter=error",), client=reads)
     outcomes = [v for _, v in got.ops]
     assert 20 < outcomes.count("EIO") < 180, outcomes.count("EIO")
+
+
+# --- delay ---------------------------------------------------------------------------------
+
+DELAY_CASES: list[tuple[str, ...]] = [
+    ("rdelay=10ms",),
+    ("delay-read=0", "wdelay=5ms"),
+    ("delay-write=1ms", "delay-zero=2ms", "delay-trim=3ms", "delay-extents=1ms",
+     "delay-cache=1ms"),
+    ("delay-zero=5ms", "delay-fast-zero=false"),  # fast zero advertised, refused at once
+    ("delay-zero=5ms", "delay-fast-zero=true"),
+    ("delay-fast-zero=no",),  # no zero delay: nothing to refuse
+    ("delay-reads=0x0", "delay-writes=00", "delay-discard=0", "delay-extent=+0"),
+    ("delay-open=20ms", "delay-close=20ms"),
+]
+
+
+@pytest.mark.parametrize("args", DELAY_CASES, ids=[",".join(a) for a in DELAY_CASES])
+def test_delay_same_as_nbdkit(args: tuple[str, ...]) -> None:
+    got = assert_same(("delay",), (f"size={SIZE}", "trace=1", *args))
+    assert got.size == SIZE and got.connect_error is None
+
+
+def test_delay_fast_zero_false_refuses_fast_zeroes() -> None:
+    got = assert_same(("delay",), (f"size={SIZE}", "delay-zero=5ms", "delay-fast-zero=false"))
+    assert got.caps["can_fast_zero"]
+    assert got.outcome("zero fast 4096@20480") == "ENOTSUP"
+
+
+def timed(s: Session) -> None:
+    """How long a connection, a read, a write and a zero take."""
+    t0 = time.monotonic()
+    h = s.connect()
+    t1 = time.monotonic()
+    s.read(h, 512, 0)
+    t2 = time.monotonic()
+    s.write(h, 1, 512, 0)
+    t3 = time.monotonic()
+    s.op("zero 512@0", h.zero, 512, 0)
+    t4 = time.monotonic()
+    s.disconnect(h)
+    s.record("times", [t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+
+
+@pytest.mark.parametrize("server", [LUANBD, NBDKIT], ids=lambda s: s.name)
+def test_delay_delays(server: Server) -> None:
+    got = observe(server, "ramdisk.lua", (f"size={SIZE}", "delay-open=200ms", "rdelay=300ms",
+                                          "delay-write=1", "delay-zero=100ms"),
+                  options=("--filter=delay",), client=timed)
+    assert [v for _, v in got.ops] == ["zeroes n=512", "ok", "ok"]
+    opened, read, wrote, zeroed = got.extra["times"]
+    assert opened >= 0.2 and read >= 0.3 and wrote >= 1.0 and zeroed >= 0.1, got.extra
+
+
+def test_wdelay_sets_the_write_delays() -> None:
+    got = observe(LUANBD, "ramdisk.lua", (f"size={SIZE}", "wdelay=200ms"),
+                  options=("--filter=delay",), client=timed)
+    _, read, wrote, zeroed = got.extra["times"]
+    assert read < 0.2 <= min(wrote, zeroed), got.extra
