@@ -152,6 +152,12 @@ MINIMAL = [
     (("nozero",), ("zeromode=notrim",)),
     (("nozero",), ("zeromode=emulate",)),
     (("nocache",), ("cachemode=emulate",)),
+    # A zero reaches the filters as a zero, and the plugin layer emulates it (nbdkit).
+    (("error",), ("error-zero-rate=1",)),
+    (("error",), ("error-pwrite-rate=1",)),
+    (("error", "offset"), ("error-zero-rate=1", "offset=4096")),
+    (("truncate", "error"), ("truncate=600000", "error-pwrite-rate=100%")),
+    (("delay",), ("delay-zero=1ms", "delay-fast-zero=0")),
 ]
 
 

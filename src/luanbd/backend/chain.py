@@ -13,19 +13,27 @@ once, emulation, locking and the preconditions asserted.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from luanbd.backend.interface import (
+    FLAG_FAST_ZERO,
     FLAG_FUA,
     CacheMode,
     CompiledCalls,
+    FastZeroRefused,
     FuaMode,
     Handle,
     Plugin,
+    PluginError,
     ThreadModel,
     ZeroMode,
 )
+
+#: The most a zero emulated by the plugin layer writes per pwrite (as backend/context.py).
+_ZERO_CHUNK = 1024 * 1024
+_ZEROES = bytes(_ZERO_CHUNK)
 
 
 class Backend:
@@ -333,33 +341,48 @@ class PluginContext(Context):
         return self.plugin.pread(self.handle, count, offset, flags)
 
     def _fua_emulated(self) -> bool:
-        """A filter passed FUA to a plugin without native FUA: the call is followed by a
-        flush (nbdkit plugins.c)."""
+        """A filter's FUA, for a plugin without native FUA: flush after (nbdkit plugins.c)."""
         return self.can_fua() is not FuaMode.NATIVE
 
     def pwrite(self, buf: bytes, offset: int, flags: int) -> None:
-        if flags & FLAG_FUA and self._fua_emulated():
-            self.plugin.pwrite(self.handle, buf, offset, flags & ~FLAG_FUA)
+        emulated = flags & FLAG_FUA and self._fua_emulated()
+        self.plugin.pwrite(self.handle, buf, offset, flags & ~FLAG_FUA if emulated else flags)
+        if emulated:
             self.plugin.flush(self.handle, 0)
-            return
-        self.plugin.pwrite(self.handle, buf, offset, flags)
 
     def flush(self, flags: int) -> None:
         self.plugin.flush(self.handle, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        if flags & FLAG_FUA and self._fua_emulated():
-            self.plugin.trim(self.handle, count, offset, flags & ~FLAG_FUA)
+        emulated = flags & FLAG_FUA and self._fua_emulated()
+        self.plugin.trim(self.handle, count, offset, flags & ~FLAG_FUA if emulated else flags)
+        if emulated:
             self.plugin.flush(self.handle, 0)
-            return
-        self.plugin.trim(self.handle, count, offset, flags)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        if flags & FLAG_FUA and self._fua_emulated():
-            self.plugin.zero(self.handle, count, offset, flags & ~FLAG_FUA)
+        if self._once("can_zero"):
+            try:
+                emulated = flags & FLAG_FUA and self._fua_emulated()
+                self.plugin.zero(self.handle, count, offset,
+                                 flags & ~FLAG_FUA if emulated else flags)
+                if emulated:
+                    self.plugin.flush(self.handle, 0)
+                return
+            except PluginError as err:
+                # ENOTSUP/EOPNOTSUPP: "emulate me", unless fast, which emulation never is.
+                if flags & FLAG_FAST_ZERO or err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        elif flags & FLAG_FAST_ZERO:
+            raise FastZeroRefused
+        # Emulated below the filters, as nbdkit plugins.c: they see a zero, not writes.
+        while count:
+            chunk = min(count, _ZERO_CHUNK)
+            self.plugin.pwrite(self.handle, _ZEROES if chunk == _ZERO_CHUNK else
+                               _ZEROES[:chunk], offset, 0)
+            offset += chunk
+            count -= chunk
+        if flags & FLAG_FUA:
             self.plugin.flush(self.handle, 0)
-            return
-        self.plugin.zero(self.handle, count, offset, flags)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         self.plugin.cache(self.handle, count, offset, flags)

@@ -100,6 +100,9 @@ class BackendContext:
         self.size = -1
         self.can_write = False
         self._open = False
+        #: Filters sit above the plugin: an emulated zero goes through them as a zero
+        #: (nbdkit emulates it in the plugin layer, below the filters).
+        self._filtered = top.next is not None
 
     def open(self) -> Capabilities:
         """Open the plugin handle and ask every capability once.  Raises PluginError."""
@@ -192,7 +195,7 @@ class BackendContext:
         assert caps.can_write
         native = self._fua_native(fua)
         with self.lock:
-            if caps.can_zero is ZeroMode.NATIVE:
+            if caps.can_zero is ZeroMode.NATIVE or self._filtered:
                 flags = ((FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if native else 0)
                          | (FLAG_FAST_ZERO if fast else 0))
                 try:
@@ -208,6 +211,8 @@ class BackendContext:
                     return
             elif fast:
                 raise FastZeroRefused
+            # A plugin without zero and no filter, or a filter's zero that answered ENOTSUP
+            # (a plugin's ENOTSUP is emulated in the plugin layer, backend/chain.py).
             while count:
                 chunk = min(count, ZERO_EMULATION_CHUNK)
                 buf = _ZEROES if chunk == ZERO_EMULATION_CHUNK else _ZEROES[:chunk]
