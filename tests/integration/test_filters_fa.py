@@ -212,6 +212,7 @@ ERROR_CASES: list[tuple[str, ...]] = [
     ("error-rate=0x1",),
     ("error-rate=1", "error-file=absent"),
     ("error-rate=1", "error-pread-file=absent"),
+    ("error-rate=1", "error-file=absent", "error-zero-file="),  # logged; zero: no trigger
 ]
 
 

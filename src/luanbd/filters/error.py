@@ -11,6 +11,7 @@ import random
 import re
 from collections.abc import Callable
 
+from luanbd import log
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import Handle, PluginError, StartupError
 
@@ -101,10 +102,13 @@ class Filter(Backend):
             for c in calls:
                 self.settings[c].rate = rate
         elif what == "file":
+            # nbdkit_absolute_path: the trigger file need not exist yet.  An empty name is
+            # an error nbdkit logs and goes on from, without a trigger file.
+            path: str | None = None
             if not value:
-                raise StartupError("cannot convert null or empty path to an absolute path")
-            # nbdkit_absolute_path: the trigger file need not exist yet.
-            path = value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
+                log.error("cannot convert null or empty path to an absolute path")
+            else:
+                path = value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
             for c in calls:
                 self.settings[c].file = path
         else:
