@@ -135,8 +135,9 @@ def test_help_lists_the_filters_and_their_parameters() -> None:
     out = subprocess.run([sys.executable, "-m", "luanbd", "--filter=offset", "--help"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
-    listed = out.stdout.split("Filters (--filter=NAME): ", 1)[1].split("\n", 1)[0]
-    assert "limit, noextents, nofilter, noparallel, offset" in listed
+    listed = out.stdout.split("Filters (--filter=NAME): ", 1)[1].split("\n", 1)[0].split(", ")
+    assert listed == sorted(listed)
+    assert {"limit", "noextents", "nofilter", "noparallel", "offset", "truncate"} <= set(listed)
     assert "filter: offset\noffset=<OFFSET>" in out.stdout
 
 

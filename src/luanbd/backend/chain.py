@@ -13,16 +13,27 @@ once, emulation, locking and the preconditions asserted.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from luanbd.backend.interface import (
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
     CacheMode,
     CompiledCalls,
+    FastZeroRefused,
     FuaMode,
     Handle,
     Plugin,
+    PluginError,
     ThreadModel,
+    ZeroMode,
 )
+
+#: The most a zero emulated by the plugin layer writes per pwrite (as backend/context.py).
+_ZERO_CHUNK = 1024 * 1024
+_ZEROES = bytes(_ZERO_CHUNK)
 
 
 class Backend:
@@ -108,7 +119,7 @@ class Backend:
     def can_trim(self, next: Context, h: Handle) -> bool:
         return next.can_trim()
 
-    def can_zero(self, next: Context, h: Handle) -> bool:
+    def can_zero(self, next: Context, h: Handle) -> ZeroMode:
         return next.can_zero()
 
     def can_fast_zero(self, next: Context, h: Handle) -> bool:
@@ -202,7 +213,7 @@ class Context:
     def can_trim(self) -> bool:
         return self.backend.can_trim(self._next(), self.handle)
 
-    def can_zero(self) -> bool:
+    def can_zero(self) -> ZeroMode:
         return self.backend.can_zero(self._next(), self.handle)
 
     def can_fast_zero(self) -> bool:
@@ -246,13 +257,21 @@ class PluginContext(Context):
     """The last layer's context: calls go straight to the plugin (one call less per
     request than going through :class:`PluginBackend`)."""
 
-    __slots__ = ("next_extents", "plugin")
+    __slots__ = ("asked", "next_extents", "plugin")
 
     def __init__(self, plugin: Plugin) -> None:
         super().__init__(PluginBackend(plugin), None)
         self.plugin = plugin
         #: The plugin's can_extents, once asked (nbdkit asks once per connection).
         self.next_extents: bool | None = None
+        #: The plugin's answers to the capability questions: each is asked once per
+        #: connection however many layers ask (nbdkit backend.c keeps them in the context).
+        self.asked: dict[str, Any] = {}
+
+    def _once(self, name: str) -> Any:
+        if name not in self.asked:
+            self.asked[name] = getattr(self.plugin, name)(self.handle)
+        return self.asked[name]
 
     def preconnect(self, readonly: bool) -> None:
         self.plugin.preconnect(readonly)
@@ -264,6 +283,7 @@ class PluginContext(Context):
         return self.plugin.default_export(readonly, is_tls)
 
     def open(self, readonly: bool) -> None:
+        self.asked = {}
         self.handle = self.plugin.open(readonly)
 
     def close(self) -> None:
@@ -279,50 +299,90 @@ class PluginContext(Context):
         return self.plugin.export_description(self.handle)
 
     def can_write(self) -> bool:
-        return self.plugin.can_write(self.handle)
+        answer: bool = self._once("can_write")
+        return answer
 
     def can_flush(self) -> bool:
-        return self.plugin.can_flush(self.handle)
+        answer: bool = self._once("can_flush")
+        return answer
 
     def is_rotational(self) -> bool:
-        return self.plugin.is_rotational(self.handle)
+        answer: bool = self._once("is_rotational")
+        return answer
 
     def can_trim(self) -> bool:
-        return self.plugin.can_trim(self.handle)
+        answer: bool = self._once("can_trim")
+        return answer
 
-    def can_zero(self) -> bool:
-        return self.plugin.can_zero(self.handle)
+    def can_zero(self) -> ZeroMode:
+        return ZeroMode.NATIVE if self._once("can_zero") else ZeroMode.EMULATE
 
     def can_fast_zero(self) -> bool:
-        return self.plugin.can_fast_zero(self.handle)
+        answer: bool = self._once("can_fast_zero")
+        return answer
 
     def can_extents(self) -> bool:
-        self.next_extents = self.plugin.can_extents(self.handle)
+        self.next_extents = bool(self._once("can_extents"))
         return self.next_extents
 
     def can_fua(self) -> FuaMode:
-        return self.plugin.can_fua(self.handle)
+        answer: FuaMode = self._once("can_fua")
+        return answer
 
     def can_multi_conn(self) -> bool:
-        return self.plugin.can_multi_conn(self.handle)
+        answer: bool = self._once("can_multi_conn")
+        return answer
 
     def can_cache(self) -> CacheMode:
-        return self.plugin.can_cache(self.handle)
+        answer: CacheMode = self._once("can_cache")
+        return answer
 
     def pread(self, count: int, offset: int, flags: int) -> bytes | memoryview:
         return self.plugin.pread(self.handle, count, offset, flags)
 
+    def _fua_emulated(self) -> bool:
+        """A filter's FUA, for a plugin without native FUA: flush after (nbdkit plugins.c)."""
+        return self.can_fua() is not FuaMode.NATIVE
+
     def pwrite(self, buf: bytes, offset: int, flags: int) -> None:
-        self.plugin.pwrite(self.handle, buf, offset, flags)
+        emulated = flags & FLAG_FUA and self._fua_emulated()
+        self.plugin.pwrite(self.handle, buf, offset, flags & ~FLAG_FUA if emulated else flags)
+        if emulated:
+            self.plugin.flush(self.handle, 0)
 
     def flush(self, flags: int) -> None:
         self.plugin.flush(self.handle, flags)
 
     def trim(self, count: int, offset: int, flags: int) -> None:
-        self.plugin.trim(self.handle, count, offset, flags)
+        emulated = flags & FLAG_FUA and self._fua_emulated()
+        self.plugin.trim(self.handle, count, offset, flags & ~FLAG_FUA if emulated else flags)
+        if emulated:
+            self.plugin.flush(self.handle, 0)
 
     def zero(self, count: int, offset: int, flags: int) -> None:
-        self.plugin.zero(self.handle, count, offset, flags)
+        if self._once("can_zero"):
+            try:
+                emulated = flags & FLAG_FUA and self._fua_emulated()
+                self.plugin.zero(self.handle, count, offset,
+                                 flags & ~FLAG_FUA if emulated else flags)
+                if emulated:
+                    self.plugin.flush(self.handle, 0)
+                return
+            except PluginError as err:
+                # ENOTSUP/EOPNOTSUPP: "emulate me", unless fast, which emulation never is.
+                if flags & FLAG_FAST_ZERO or err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        elif flags & FLAG_FAST_ZERO:
+            raise FastZeroRefused
+        # Emulated below the filters, as nbdkit plugins.c: they see a zero, not writes.
+        while count:
+            chunk = min(count, _ZERO_CHUNK)
+            self.plugin.pwrite(self.handle, _ZEROES if chunk == _ZERO_CHUNK else
+                               _ZEROES[:chunk], offset, 0)
+            offset += chunk
+            count -= chunk
+        if flags & FLAG_FUA:
+            self.plugin.flush(self.handle, 0)
 
     def cache(self, count: int, offset: int, flags: int) -> None:
         self.plugin.cache(self.handle, count, offset, flags)

@@ -26,6 +26,7 @@ from luanbd.backend.interface import (
     FuaMode,
     PluginError,
     ThreadModel,
+    ZeroMode,
 )
 from luanbd.protocol.constants import MAX_REQUEST_SIZE, TransmissionFlag
 
@@ -59,7 +60,7 @@ class Capabilities:
     can_flush: bool
     is_rotational: bool
     can_trim: bool
-    can_zero: bool
+    can_zero: ZeroMode
     can_fast_zero: bool
     can_extents: bool
     can_fua: FuaMode
@@ -75,8 +76,10 @@ class Capabilities:
         if not self.can_write:
             f |= TransmissionFlag.READ_ONLY
         else:
-            # Zeroing can always be emulated with pwrite, so it is always advertised.
-            f |= TransmissionFlag.SEND_WRITE_ZEROES
+            # Zeroing can be emulated with pwrite, so it is advertised unless a filter
+            # says NONE.
+            if self.can_zero is not ZeroMode.NONE:
+                f |= TransmissionFlag.SEND_WRITE_ZEROES
             if self.can_trim:
                 f |= TransmissionFlag.SEND_TRIM
             if self.can_fua is not FuaMode.NONE:
@@ -110,6 +113,9 @@ class BackendContext:
         self.size = -1
         self.can_write = False
         self._open = False
+        #: Filters sit above the plugin: an emulated zero goes through them as a zero
+        #: (nbdkit emulates it in the plugin layer, below the filters).
+        self._filtered = top.next is not None
 
     def open(self) -> Capabilities:
         """Open the plugin handle and ask every capability once.  Raises PluginError."""
@@ -121,7 +127,7 @@ class BackendContext:
                 size = p.get_size()
                 # With -r the plugin's can_write is not consulted (as nbdkit).
                 can_write = False if self.readonly else p.can_write()
-                can_zero = can_write and p.can_zero()
+                can_zero = p.can_zero() if can_write else ZeroMode.NONE
                 self.caps = Capabilities(
                     size=size,
                     can_write=can_write,
@@ -202,7 +208,7 @@ class BackendContext:
         assert caps.can_write
         native = self._fua_native(fua)
         with self.lock:
-            if caps.can_zero:
+            if caps.can_zero is ZeroMode.NATIVE or self._filtered:
                 flags = ((FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if native else 0)
                          | (FLAG_FAST_ZERO if fast else 0))
                 try:
@@ -218,6 +224,8 @@ class BackendContext:
                     return
             elif fast:
                 raise FastZeroRefused
+            # A plugin without zero and no filter, or a filter's zero that answered ENOTSUP
+            # (a plugin's ENOTSUP is emulated in the plugin layer, backend/chain.py).
             while count:
                 chunk = min(count, ZERO_EMULATION_CHUNK)
                 buf = _ZEROES if chunk == ZERO_EMULATION_CHUNK else _ZEROES[:chunk]

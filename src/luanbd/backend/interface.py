@@ -45,6 +45,16 @@ class FuaMode(enum.IntEnum):
     NATIVE = 2
 
 
+class ZeroMode(enum.IntEnum):
+    """A layer's ``can_zero`` in the chain (nbdkit's three answers): NONE, not advertised at
+    all; EMULATE, done with pwrite of zeroes; NATIVE, the layer's zero.  (A plugin's
+    ``can_zero`` is a bool: false means EMULATE, as in nbdkit.)"""
+
+    NONE = 0
+    EMULATE = 1
+    NATIVE = 2
+
+
 class CacheMode(enum.IntEnum):
     """Answer of ``can_cache``."""
 

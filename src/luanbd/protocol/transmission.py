@@ -323,11 +323,8 @@ def validate_request(request: Request, session: Session) -> None:
         raise RequestError(errno.EINVAL, f"{cmd}: PAYLOAD_LEN flag needs WRITE request")
     if flags & _NO_HOLE and cmd is not Cmd.WRITE_ZEROES:
         raise RequestError(errno.EINVAL, f"{cmd}: NO_HOLE flag needs WRITE_ZEROES request")
-    if flags & _FAST_ZERO:
-        if cmd is not Cmd.WRITE_ZEROES:
-            raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag needs WRITE_ZEROES request")
-        if not sflags & _SEND_FAST_ZERO:
-            raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag not supported")
+    if flags & _FAST_ZERO and cmd is not Cmd.WRITE_ZEROES:
+        raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag needs WRITE_ZEROES request")
     if flags & _DF:
         if cmd is not Cmd.READ:
             raise RequestError(errno.EINVAL, f"{cmd}: DF flag needs READ request")
@@ -336,7 +333,7 @@ def validate_request(request: Request, session: Session) -> None:
     if flags & _REQ_ONE and cmd is not Cmd.BLOCK_STATUS:
         raise RequestError(errno.EINVAL, f"{cmd}: REQ_ONE flag needs BLOCK_STATUS request")
     if flags & _FUA and not sflags & _SEND_FUA:
-        raise RequestError(errno.EINVAL, f"{cmd}: FUA flag not supported")
+        raise RequestError(errno.EINVAL, "FUA flag not supported")  # as nbdkit
 
     if cmd in (Cmd.READ, Cmd.WRITE) and length > MAX_REQUEST_SIZE:
         raise RequestError(errno.ENOMEM, f"{cmd}: data request is too large "
@@ -347,7 +344,11 @@ def validate_request(request: Request, session: Session) -> None:
     if cmd is Cmd.TRIM and not sflags & _SEND_TRIM:
         raise RequestError(errno.EINVAL, f"{cmd}: trim operation not supported")
     if cmd is Cmd.WRITE_ZEROES and not sflags & _SEND_WRITE_ZEROES:
-        raise RequestError(errno.EINVAL, f"{cmd}: zero operation not supported")
+        raise RequestError(errno.EINVAL, f"{cmd}: write zeroes operation not supported")
+    if flags & _FAST_ZERO and not sflags & _SEND_FAST_ZERO:
+        # After the check of WRITE_ZEROES itself, as nbdkit (which has no message of its
+        # own for this: it asserts).
+        raise RequestError(errno.EINVAL, f"{cmd}: FAST_ZERO flag not supported")
     if cmd is Cmd.CACHE and not sflags & _SEND_CACHE:
         raise RequestError(errno.EINVAL, f"{cmd}: cache operation not supported")
     if cmd is Cmd.BLOCK_STATUS:

@@ -1,0 +1,147 @@
+"""nbdkit-delay-filter(1): sleep before requests (``rdelay=``/``delay-read=``,
+``wdelay=``, ``delay-write=``, ``delay-zero=``, ``delay-trim=``, ``delay-extents=``,
+``delay-cache=``, ``delay-open=``, ``delay-close=``: whole seconds or ``NNms``;
+``delay-fast-zero=BOOL``)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+
+from luanbd.backend.chain import Backend, Context
+from luanbd.backend.helpers import parse_bool
+from luanbd.backend.interface import FLAG_FAST_ZERO, FastZeroRefused, Handle, StartupError
+
+_UINT_MAX = (1 << 32) - 1
+_ULONG_MAX = (1 << 64) - 1
+
+#: Each key, and its other spellings, -> the delay it sets.
+_KEYS = {"rdelay": "read", "delay-read": "read", "delay-reads": "read",
+         "delay-write": "write", "delay-writes": "write",
+         "delay-zero": "zero", "delay-zeroes": "zero",
+         "delay-trim": "trim", "delay-trims": "trim", "delay-discard": "trim",
+         "delay-discards": "trim",
+         "delay-extent": "extents", "delay-extents": "extents",
+         "delay-cache": "cache", "delay-open": "open", "delay-close": "close"}
+
+_STRTOUL = re.compile(r"[ \t\n\v\f\r]*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_SCANF_U = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
+
+
+def parse_unsigned(what: str, text: str) -> int:
+    """nbdkit_parse_unsigned (C's strtoul, base 0), with its messages."""
+    if "-" in text:
+        raise StartupError(f"{what}: negative numbers are not allowed")
+    m = _STRTOUL.match(text)
+    if m is None:
+        raise StartupError(f"{what}: empty string where we expected a number")
+    value = int(m.group(1), 0) if not re.fullmatch(r"0[0-7]+", m.group(1)) \
+        else int(m.group(1), 8)
+    if value > _UINT_MAX:
+        raise StartupError(f'{what}: could not parse number: "{text}": '
+                           f"{os.strerror(errno.ERANGE)}")
+    if m.end() != len(text):
+        raise StartupError(f'{what}: could not parse number: "{text}": trailing garbage')
+    return value
+
+
+def parse_delay_ms(key: str, value: str) -> int:
+    """The filter's own syntax: ``NN`` seconds or ``NNms`` milliseconds -> milliseconds."""
+    if len(value) > 2 and value.endswith("ms"):
+        # nbdkit reads this with sscanf("%u"): digits after blanks and a sign, the rest is
+        # ignored, and the number is wrapped to 32 bits as C's conversion does.
+        m = _SCANF_U.match(value)
+        if m is None:
+            raise StartupError(f"cannot parse {key} in milliseconds parameter: {value}")
+        n = min(int(m.group(2)), _ULONG_MAX)
+        return (-n if m.group(1) == "-" else n) & _UINT_MAX
+    seconds = parse_unsigned(key, value)
+    if seconds * 1000 > _UINT_MAX:
+        raise StartupError(f"seconds parameter {key} is too large: {value}")
+    return seconds * 1000
+
+
+def _sleep(ms: int) -> None:
+    if ms > 0:
+        time.sleep(ms / 1000)
+
+
+class Filter(Backend):
+    name = "delay"
+    config_help = (
+        "rdelay=<NN>[ms]                Read delay in seconds/milliseconds.\n"
+        "delay-read=<NN>[ms]            Read delay in seconds/milliseconds.\n"
+        "delay-write=<NN>[ms]           Write delay in seconds/milliseconds.\n"
+        "delay-zero=<NN>[ms]            Zero delay in seconds/milliseconds.\n"
+        "delay-trim=<NN>[ms]            Trim delay in seconds/milliseconds.\n"
+        "delay-extents=<NN>[ms]         Extents delay in seconds/milliseconds.\n"
+        "delay-cache=<NN>[ms]           Cache delay in seconds/milliseconds.\n"
+        "wdelay=<NN>[ms]                Write, zero and trim delay in secs/msecs.\n"
+        "delay-fast-zero=<BOOL>         Delay fast zero requests (default true).\n"
+        "delay-open=<NN>[ms]            Open delay in seconds/milliseconds.\n"
+        "delay-close=<NN>[ms]           Close delay in seconds/milliseconds.")
+
+    def __init__(self) -> None:
+        #: Milliseconds, by request kind.
+        self.ms = dict.fromkeys(("read", "write", "zero", "trim", "extents", "cache",
+                                 "open", "close"), 0)
+        self.fast_zero = True
+
+    def config(self, next: Callable[[str, str], None], key: str, value: str) -> None:
+        if key in _KEYS:
+            self.ms[_KEYS[key]] = parse_delay_ms(key, value)
+        elif key == "wdelay":
+            # Historically wdelay sets every write-related delay.
+            self.ms["write"] = self.ms["zero"] = self.ms["trim"] = parse_delay_ms(key, value)
+        elif key == "delay-fast-zero":
+            try:
+                self.fast_zero = parse_bool(value)
+            except ValueError as err:
+                raise StartupError(str(err)) from None
+        else:
+            next(key, value)
+
+    def can_fast_zero(self, next: Context, h: Handle) -> bool:
+        if self.ms["zero"] and not self.fast_zero:
+            return True  # refused at once, by us
+        return next.can_fast_zero()
+
+    def open(self, next: Context, readonly: bool) -> Handle:
+        _sleep(self.ms["open"])
+        next.open(readonly)
+        return None
+
+    def close(self, next: Context, h: Handle) -> None:
+        _sleep(self.ms["close"])
+        next.close()
+
+    def pread(self, next: Context, h: Handle, count: int, offset: int,
+              flags: int) -> bytes | memoryview:
+        _sleep(self.ms["read"])
+        return next.pread(count, offset, flags)
+
+    def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
+        _sleep(self.ms["write"])
+        next.pwrite(buf, offset, flags)
+
+    def zero(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        if flags & FLAG_FAST_ZERO and self.ms["zero"] and not self.fast_zero:
+            raise FastZeroRefused
+        _sleep(self.ms["zero"])
+        next.zero(count, offset, flags)
+
+    def trim(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        _sleep(self.ms["trim"])
+        next.trim(count, offset, flags)
+
+    def extents(self, next: Context, h: Handle, count: int, offset: int,
+                flags: int) -> list[tuple[int, int, int]]:
+        _sleep(self.ms["extents"])
+        return next.extents(count, offset, flags)
+
+    def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
+        _sleep(self.ms["cache"])
+        next.cache(count, offset, flags)
