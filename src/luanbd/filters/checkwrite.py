@@ -15,6 +15,7 @@ from luanbd.backend.interface import (
     FuaMode,
     Handle,
     PluginError,
+    ZeroMode,
 )
 
 #: Bytes read from the plugin at a time when checking for zeroes (nbdkit's 64 MiB).
@@ -45,8 +46,8 @@ class Filter(Backend):
     def can_trim(self, next: Context, h: Handle) -> bool:
         return True
 
-    def can_zero(self, next: Context, h: Handle) -> bool:
-        return True
+    def can_zero(self, next: Context, h: Handle) -> ZeroMode:
+        return ZeroMode.NATIVE
 
     def can_fast_zero(self, next: Context, h: Handle) -> bool:
         return True
