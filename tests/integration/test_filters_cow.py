@@ -1,0 +1,225 @@
+"""The cow filter against nbdkit's (as test_filters.py): the same Lua script behind the same
+``--filter`` stack under ``nbdkit`` and ``luanbd``, observed through libnbd and compared
+whole; the plugin's data is never changed, and the overlay leaves nothing in $TMPDIR."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
+
+from differential import (  # noqa: E402
+    LUANBD,
+    NBDKIT,
+    Observation,
+    Session,
+    diff_observations,
+    nbdkit_available,
+    observe,
+    pattern,
+)
+from test_filters import SIZE, both  # noqa: E402
+
+pytestmark = pytest.mark.skipif(nbdkit_available() is not None,
+                                reason=str(nbdkit_available()))
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def patterns(s: Session) -> None:
+    """Writes, zeroes and trims across block boundaries, then everything read back, the
+    extents, a cache request, and a second connection that sees the same overlay."""
+    h = s.connect_and_probe()
+    size = h.get_size()
+    s.record("block_size", [h.get_block_size(c) for c in (nbd.SIZE_MINIMUM,
+                                                          nbd.SIZE_PREFERRED,
+                                                          nbd.SIZE_MAXIMUM)])
+    for seed, (count, offset) in enumerate([(100, 10), (64 * KiB, 64 * KiB),
+                                            (200 * KiB, 60 * KiB), (1, 300 * KiB - 1),
+                                            (4 * KiB, size - 4 * KiB)], 1):
+        s.write(h, seed, count, offset, nbd.CMD_FLAG_FUA if seed == 2 else 0)
+    s.op("trim 1000@600000", h.trim, 1000, 600000)
+    s.op("trim 128K@640K", h.trim, 128 * KiB, 640 * KiB)
+    s.op("flush", h.flush)
+    if h.can_cache():
+        s.op("cache 100K@700K", h.cache, 100 * KiB, 700 * KiB)
+    for offset in range(0, size, 32 * KiB):
+        s.read(h, 32 * KiB, offset)
+    s.read(h, 5000, 62 * KiB)
+    s.read(h, size, 0)
+    s.block_status(h, size, 0)
+    s.block_status(h, 100 * KiB, 650 * KiB, nbd.CMD_FLAG_REQ_ONE)
+    s.block_status(h, 1000, size - 1000)
+    h2 = s.connect()
+    s.read(h2, size, 0)
+    s.write(h2, 11, 3000, 70 * KiB)
+    s.read(h, 64 * KiB, 64 * KiB)
+    s.disconnect(h2)
+    s.disconnect(h)
+
+
+def same_but_zero(expected: Observation, got: Observation) -> None:
+    """Equal, but for WRITE_ZEROES: nbdkit's cow filter asks the plugin, which it opened
+    read-only, so nbdkit does not advertise zeroing; luanbd's chain has no "not at all" for
+    can_zero (zeroing is always emulated by writes), so it does, and zeroes in the overlay.
+    The zero requests themselves are checked by test_cow_zero_writes_zeroes_in_the_overlay."""
+    for obs in (expected, got):
+        for cap in ("can_zero", "can_fast_zero"):
+            obs.caps.pop(cap, None)
+    assert expected == got, diff_observations(expected, got)
+
+
+CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("cow",), ()),
+    (("cow",), ("cow-block-size=4K",)),
+    (("cow",), ("cow-block-size=256K",)),
+    (("cow",), ("cow-on-read=true",)),
+    (("cow",), ("cow-on-cache=true",)),
+    (("cow",), ("cow-on-read=/nonexistent",)),
+    (("cow",), ("size=1000000",)),  # the last block is partial
+    (("cow", "offset"), ("offset=4096", "range=700K")),
+    (("offset", "cow"), ("offset=4096", "range=700K")),
+    (("truncate", "cow"), ("truncate=900001",)),
+    (("cow", "truncate"), ("truncate=2M",)),
+]
+
+
+@pytest.mark.parametrize(("filters", "args"), CASES,
+                         ids=["+".join(f) + ":" + ",".join(a) for f, a in CASES])
+def test_cow_same_as_nbdkit(filters: tuple[str, ...], args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), filters, patterns)
+    assert not expected.timed_out and not got.timed_out
+    same_but_zero(expected, got)
+    assert got.connect_error is None and got.size
+
+
+BAD = [("cow-block-size=1K",), ("cow-block-size=100000",), ("cow-block-size=8G",),
+       ("cow-block-size=lots",), ("cow-on-read=maybe",), ("cow-on-cache=2",)]
+
+
+@pytest.mark.parametrize("args", BAD, ids=[",".join(a) for a in BAD])
+def test_cow_bad_parameters_fail_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("cow",))
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1
+
+
+def _on_file(tmp: Path, image: bytes, args: tuple[str, ...], filters: tuple[str, ...],
+             client: object, *, readonly: bool = False) -> tuple[list[Observation], list[bytes]]:
+    obs, after = [], []
+    for server in (NBDKIT, LUANBD):
+        path = tmp / f"{server.name}.img"
+        path.write_bytes(image)
+        if readonly:
+            path.chmod(0o444)
+        obs.append(observe(server, "file.lua", (f"file={path}", *args),
+                           options=tuple(f"--filter={f}" for f in filters),
+                           client=client))  # type: ignore[arg-type]
+        after.append(path.read_bytes())
+        path.chmod(0o644)
+        shutil.move(path, tmp / "done.img")  # the log names the file: the same name
+    return obs, after
+
+
+def test_cow_never_writes_the_plugin(tmp_path: Path) -> None:
+    image = pattern(7, MiB)
+    obs, after = _on_file(tmp_path, image, (), ("cow",), patterns)
+    same_but_zero(obs[0], obs[1])
+    assert after == [image, image]
+    assert ("write#2 65536@65536", "ok") in obs[1].ops
+
+
+def test_cow_makes_a_read_only_plugin_writable(tmp_path: Path) -> None:
+    """file.lua opens its file read-only when told so: a file without write permission."""
+    image = pattern(8, MiB)
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.write(h, 1, 4 * KiB, 8 * KiB)
+        s.read(h, 16 * KiB, 0)
+        s.disconnect(h)
+
+    obs, after = _on_file(tmp_path, image, (), ("cow",), client, readonly=True)
+    same_but_zero(obs[0], obs[1])
+    assert not obs[1].caps["is_read_only"] and obs[1].outcome("write#1 4096@8192") == "ok"
+    assert after == [image, image]
+
+
+def test_cow_leaves_nothing_in_tmpdir() -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.write(h, 1, 64 * KiB, 0)
+        s.record("tmpdir", sorted(p.name for p in s.tmp.iterdir()
+                                  if p.name not in ("nbd.sock", "stderr.txt", "ramdisk.lua")))
+        s.disconnect(h)
+
+    got = observe(LUANBD, "ramdisk.lua", (), options=("--filter=cow",), client=client)
+    assert got.extra["tmpdir"] == []
+    assert got.outcome("write#1 65536@0") == "ok"
+
+
+def test_cow_zero_writes_zeroes_in_the_overlay(tmp_path: Path) -> None:
+    """luanbd advertises WRITE_ZEROES (see same_but_zero): zeroes land in the overlay, the
+    file stays as it was, and a fast zero is refused as nbdkit's cow refuses it."""
+    image = pattern(5, MiB)
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.op("zero 70000@500000", h.zero, 70000, 500000)
+        s.op("zero 128K@384K", h.zero, 128 * KiB, 384 * KiB)
+        s.op("fast zero 4K@0", h.zero, 4 * KiB, 0, nbd.CMD_FLAG_FAST_ZERO)
+        s.record("data", h.pread(MiB, 0))
+        s.block_status(h, MiB, 0)
+        s.disconnect(h)
+
+    path = tmp_path / "disk.img"
+    path.write_bytes(image)
+    got = observe(LUANBD, "file.lua", (f"file={path}",), options=("--filter=cow",),
+                  client=client)
+    assert path.read_bytes() == image
+    expect = bytearray(image)
+    expect[500000:570000] = bytes(70000)
+    expect[384 * KiB:512 * KiB] = bytes(128 * KiB)
+    assert got.extra["data"] == bytes(expect)
+    assert got.outcome("zero 70000@500000") == "ok"
+    assert got.outcome("fast zero 4K@0") == "ENOTSUP"
+    # Written (zeroed) blocks are data in the overlay, as nbdkit's are.
+    assert got.outcome(f"block_status {MiB}@0 flags=0") == f"extents {[(MiB, 0)]}"
+
+
+def test_cow_parallel_writes_in_one_block_all_land() -> None:
+    """Connections writing at once into the same blocks (each read-modify-write of its own
+    bytes, with cow-on-read saving plugin blocks meanwhile): every acknowledged byte stays."""
+    import threading
+
+    chunk, writers, rounds = 1000, 4, 48
+
+    def client(s: Session) -> None:
+        handles = [s.connect() for _ in range(writers)]
+        errors: list[BaseException] = []
+
+        def write(t: int) -> None:
+            try:
+                for i in range(t, writers * rounds, writers):
+                    handles[t].pwrite(pattern(i, chunk), i * chunk)
+                    handles[t].pread(3 * chunk, max(0, (i - 1) * chunk))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(writers)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        s.record("errors", [repr(e) for e in errors])
+        s.record("data", handles[0].pread(writers * rounds * chunk, 0))
+
+    got = observe(LUANBD, "ramdisk.lua", (f"size={SIZE}", "cow-on-read=true"),
+                  options=("--filter=cow",), client=client)
+    assert got.extra["errors"] == []
+    want = b"".join(pattern(i, chunk) for i in range(writers * rounds))
+    assert got.extra["data"] == want
