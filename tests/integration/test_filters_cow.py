@@ -1,6 +1,7 @@
-"""The cow filter against nbdkit's (as test_filters.py): the same Lua script behind the same
-``--filter`` stack under ``nbdkit`` and ``luanbd``, observed through libnbd and compared
-whole; the plugin's data is never changed, and the overlay leaves nothing in $TMPDIR."""
+"""The cow and cache filters against nbdkit's (as test_filters.py): the same Lua script
+behind the same ``--filter`` stack under ``nbdkit`` and ``luanbd``, observed through libnbd
+and compared whole.  cow: the plugin's data is never changed, and the overlay leaves nothing
+in $TMPDIR; cache: what reaches file.lua's file, and when (flush, FUA, writethrough)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from differential import (  # noqa: E402
     observe,
     pattern,
 )
-from test_filters import SIZE, both  # noqa: E402
+from test_filters import SIZE, both, exercise  # noqa: E402
 
 pytestmark = pytest.mark.skipif(nbdkit_available() is not None,
                                 reason=str(nbdkit_available()))
@@ -191,7 +192,10 @@ def test_cow_zero_writes_zeroes_in_the_overlay(tmp_path: Path) -> None:
     assert got.outcome(f"block_status {MiB}@0 flags=0") == f"extents {[(MiB, 0)]}"
 
 
-def test_cow_parallel_writes_in_one_block_all_land() -> None:
+@pytest.mark.parametrize(("layer", "arg"), [("cow", "cow-on-read=true"),
+                                            ("cache", "cache-on-read=true"),
+                                            ("cache", "cache=writethrough")])
+def test_parallel_writes_in_one_block_all_land(layer: str, arg: str) -> None:
     """Connections writing at once into the same blocks (each read-modify-write of its own
     bytes, with cow-on-read saving plugin blocks meanwhile): every acknowledged byte stays."""
     import threading
@@ -218,8 +222,133 @@ def test_cow_parallel_writes_in_one_block_all_land() -> None:
         s.record("errors", [repr(e) for e in errors])
         s.record("data", handles[0].pread(writers * rounds * chunk, 0))
 
-    got = observe(LUANBD, "ramdisk.lua", (f"size={SIZE}", "cow-on-read=true"),
-                  options=("--filter=cow",), client=client)
+    got = observe(LUANBD, "ramdisk.lua", (f"size={SIZE}", arg),
+                  options=(f"--filter={layer}",), client=client)
     assert got.extra["errors"] == []
     want = b"".join(pattern(i, chunk) for i in range(writers * rounds))
     assert got.extra["data"] == want
+
+
+# --- cache ------------------------------------------------------------------------------------
+
+CACHE_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+    (("cache",), ()),
+    (("cache",), ("cache=writeback",)),
+    (("cache",), ("cache=writethrough",)),
+    (("cache",), ("cache=unsafe",)),
+    (("cache",), ("cache-on-read=true",)),
+    (("cache",), ("cache-on-read=/nonexistent", "cache=writethrough")),
+    (("cache",), ("cache-min-block-size=4K",)),
+    (("cache",), ("cache-min-block-size=256K", "cache-on-read=true")),
+    (("cache",), ("cache-max-size=1M", "cache-on-read=true")),
+    # Writethrough: nbdkit 1.32 reclaims dirty blocks too, losing writes (luanbd keeps them:
+    # test_cache_reclaim_keeps_dirty_blocks).
+    (("cache",), ("cache-max-size=1M", "cache-high-threshold=20", "cache-low-threshold=10",
+                  "cache-on-read=true", "cache=writethrough")),
+    (("cache",), ("size=1000000", "cache=writethrough")),  # the last block is partial
+    (("cache", "offset"), ("offset=4096", "range=700K")),
+    (("offset", "cache"), ("offset=4096", "range=700K", "cache=writethrough")),
+    (("cache", "cow"), ()),
+    (("cow", "cache"), ("cache=unsafe",)),
+]
+
+
+@pytest.mark.parametrize(("filters", "args"), CACHE_CASES,
+                         ids=["+".join(f) + ":" + ",".join(a) for f, a in CACHE_CASES])
+def test_cache_same_as_nbdkit(filters: tuple[str, ...], args: tuple[str, ...]) -> None:
+    # exercise zeroes: not with cow (see same_but_zero)
+    for client in (patterns,) if "cow" in filters else (patterns, exercise):
+        expected, got = both((f"size={SIZE}", *args), filters, client)
+        assert not expected.timed_out and not got.timed_out
+        if "cow" in filters:
+            same_but_zero(expected, got)
+        else:
+            assert expected == got, diff_observations(expected, got)
+        assert got.connect_error is None and got.size
+
+
+CACHE_BAD = [("cache=sometimes",), ("cache-min-block-size=1K",), ("cache-min-block-size=5000",),
+             ("cache-max-size=1K",), ("cache-max-size=2M", "cache-low-threshold=96"),
+             ("cache-high-threshold=0",), ("cache-low-threshold=x",), ("cache-on-read=maybe",)]
+
+
+@pytest.mark.parametrize("args", CACHE_BAD, ids=[",".join(a) for a in CACHE_BAD])
+def test_cache_bad_parameters_fail_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("cache",))
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1
+
+
+@pytest.mark.parametrize("mode", ["writeback", "writethrough", "unsafe"])
+def test_cache_writes_reach_the_file(tmp_path: Path, mode: str) -> None:
+    """What is in file.lua's file while the server runs: before and after a FLUSH, and after
+    a FUA write."""
+    image = pattern(3, MiB)
+
+    def client(s: Session) -> None:
+        path = Path(s.obs.extra["path"])
+        h = s.connect_and_probe()
+        s.write(h, 1, 100 * KiB, 10 * KiB)
+        s.write(h, 2, 1000, 500 * KiB + 7)
+        s.record("before_flush", path.read_bytes() == image)
+        s.op("flush", h.flush)
+        s.record("after_flush", path.read_bytes())
+        s.write(h, 4, 3000, 800 * KiB, nbd.CMD_FLAG_FUA)
+        s.record("after_fua", path.read_bytes()[800 * KiB:800 * KiB + 3000])
+        s.read(h, MiB, 0)
+        s.disconnect(h)
+
+    obs = []
+    for server in (NBDKIT, LUANBD):
+        path = tmp_path / f"{server.name}.img"
+        path.write_bytes(image)
+
+        def run(s: Session, path: Path = path) -> None:
+            s.obs.extra["path"] = str(path)
+            client(s)
+
+        o = observe(server, "file.lua", (f"file={path}", f"cache={mode}"),
+                    options=("--filter=cache",), client=run)
+        o.extra.pop("path")
+        o.extra["after_exit"] = path.read_bytes()
+        shutil.move(path, tmp_path / "done.img")
+        obs.append(o)
+    assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
+    got = obs[1].extra
+    written = bytearray(image)
+    written[10 * KiB:110 * KiB] = pattern(1, 100 * KiB)
+    written[500 * KiB + 7:500 * KiB + 1007] = pattern(2, 1000)
+    assert got["before_flush"] is (mode != "writethrough")
+    if mode == "unsafe":
+        assert got["after_flush"] == image  # flush is ignored
+    else:
+        assert got["after_flush"] == bytes(written)
+        assert got["after_fua"] == pattern(4, 3000)
+
+
+def test_cache_reclaim_keeps_dirty_blocks(tmp_path: Path) -> None:
+    """A cache far past its thresholds drops only clean blocks: every write not yet flushed
+    stays readable, and reaches the file at FLUSH."""
+    image = pattern(6, 4 * MiB)
+    path = tmp_path / "disk.img"
+    path.write_bytes(image)
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        for i in range(0, 4 * MiB, 256 * KiB):
+            h.pwrite(pattern(i, 70 * KiB), i + 1000)
+        s.record("data", h.pread(4 * MiB, 0))
+        s.op("flush", h.flush)
+        s.record("file", path.read_bytes())
+        s.disconnect(h)
+
+    got = observe(LUANBD, "file.lua", (f"file={path}", "cache-max-size=1M",
+                                       "cache-high-threshold=20", "cache-low-threshold=10",
+                                       "cache-on-read=true"),
+                  options=("--filter=cache",), client=client)
+    want = bytearray(image)
+    for i in range(0, 4 * MiB, 256 * KiB):
+        want[i + 1000:i + 1000 + 70 * KiB] = pattern(i, 70 * KiB)
+    assert got.extra["data"] == bytes(want)
+    assert got.outcome("flush") == "ok"
+    assert got.extra["file"] == bytes(want)

@@ -13,6 +13,7 @@ from luanbd.backend.interface import StartupError
 
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
+    "cache": "cache",
     "cow": "cow",
     "exportname": "exportname",
     "nofilter": "nofilter",
