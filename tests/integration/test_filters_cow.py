@@ -82,6 +82,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("cow",), ("cow-on-cache=true",)),
     (("cow",), ("cow-on-read=/nonexistent",)),
     (("cow",), ("size=1000000",)),  # the last block is partial
+    (("cow",), ("fail=pread",)),
     (("cow", "offset"), ("offset=4096", "range=700K")),
     (("offset", "cow"), ("offset=4096", "range=700K")),
     (("truncate", "cow"), ("truncate=900001",)),
@@ -249,6 +250,11 @@ CACHE_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("cache", "offset"), ("offset=4096", "range=700K")),
     (("offset", "cache"), ("offset=4096", "range=700K", "cache=writethrough")),
     (("cache", "cow"), ()),
+    # A plugin's failures: flush goes on past a failed block, each one logged, as nbdkit.
+    (("cache",), ("fail=pwrite",)),
+    (("cache",), ("fail=pwrite", "cache=writethrough")),
+    (("cache",), ("fail=flush",)),
+    (("cache",), ("fail=pread", "cache-on-read=true")),
     (("cow", "cache"), ("cache=unsafe",)),
 ]
 

@@ -31,6 +31,7 @@ from luanbd.backend.interface import (
     FastZeroRefused,
     FuaMode,
     Handle,
+    LoggedError,
     PluginError,
     StartupError,
 )
@@ -367,14 +368,18 @@ class Filter(_Blocks, Backend):
                     block = self._read(next, blknum, 1)
                     self._writethrough(next, blknum, block, 0)
                 except PluginError as err:
+                    # As nbdkit: the plugin's message, this one, and on to the next block.
+                    log.error(str(err))
                     log.error(f"cache: flush of block {blknum} failed")
                     first = first or err
         try:
             next.flush(0)
         except PluginError as err:
-            first = first or err
+            if first is None:
+                raise
+            log.error(str(err))
         if first is not None:
-            raise first
+            raise LoggedError(first.callback, first.message, first.errno, bare=True)
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         bs = self.blksize
