@@ -81,6 +81,7 @@ CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("cow",), ("cow-on-read=true",)),
     (("cow",), ("cow-on-cache=true",)),
     (("cow",), ("cow-on-read=/nonexistent",)),
+    (("cow",), ("cow-on-read=/",)),  # a path that exists: on
     (("cow",), ("size=1000000",)),  # the last block is partial
     (("cow",), ("fail=pread",)),
     (("cow", "offset"), ("offset=4096", "range=700K")),
@@ -249,6 +250,7 @@ CACHE_CASES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("cache",), ("cache=unsafe",)),
     (("cache",), ("cache-on-read=true",)),
     (("cache",), ("cache-on-read=/nonexistent", "cache=writethrough")),
+    (("cache",), ("cache-on-read=/",)),
     (("cache",), ("cache-min-block-size=4K",)),
     (("cache",), ("cache-min-block-size=256K", "cache-on-read=true")),
     (("cache",), ("cache-max-size=1M", "cache-on-read=true")),

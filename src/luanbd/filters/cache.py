@@ -315,9 +315,11 @@ class Filter(_Blocks, Backend):
     def _need_flush(self, h: Handle, next: Context, flags: int) -> tuple[int, bool]:
         """nbdkit: FUA becomes a flush afterwards with cache=unsafe or an emulated FUA."""
         if flags & FLAG_FUA:
+            if self.mode == "unsafe":
+                return flags & ~FLAG_FUA, True
             if h.next_fua is None:
                 h.next_fua = next.can_fua()
-            if self.mode == "unsafe" or h.next_fua is FuaMode.EMULATE:
+            if h.next_fua is FuaMode.EMULATE:
                 return flags & ~FLAG_FUA, True
         return flags, False
 
