@@ -85,6 +85,11 @@ class FastZeroRefused(PluginError):
         super().__init__("zero", "fast zero is not supported", _errno.ENOTSUP)
 
 
+class LoggedError(PluginError):
+    """A failure whose messages a filter has logged itself (in nbdkit, with nbdkit_error as
+    it went): the server answers the request with its errno and logs nothing more."""
+
+
 class StartupError(Exception):
     """The plugin cannot start (bad script, bad configuration): one log line, exit status 1."""
 

@@ -15,8 +15,10 @@ from luanbd.backend.interface import StartupError
 BUILTIN = {
     "blocksize": "blocksize",
     "blocksize-policy": "blocksize_policy",
+    "cache": "cache",
     "cacheextents": "cacheextents",
     "checkwrite": "checkwrite",
+    "cow": "cow",
     "delay": "delay",
     "error": "error",
     "exitlast": "exitlast",

@@ -14,7 +14,7 @@ from typing import Any
 
 from luanbd import log
 from luanbd.backend.context import BackendContext
-from luanbd.backend.interface import CompiledCalls, FastZeroRefused, PluginError
+from luanbd.backend.interface import CompiledCalls, FastZeroRefused, LoggedError, PluginError
 from luanbd.protocol.constants import Cmd, CmdFlag
 from luanbd.protocol.errors import RequestError, nbd_error_for
 from luanbd.protocol.replies import (
@@ -182,7 +182,7 @@ class RequestHandler:
         except RequestError as err:
             log.error(f"invalid request: {err}")
             return self._failed(req, err.errno)
-        except FastZeroRefused as err:
+        except (FastZeroRefused, LoggedError) as err:
             log.debug(str(err))
             return self._failed(req, err.errno)
         except PluginError as err:
