@@ -136,7 +136,9 @@ def test_help_lists_the_filters_and_their_parameters() -> None:
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     listed = out.stdout.split("Filters (--filter=NAME): ", 1)[1].split("\n", 1)[0]
-    assert "limit, noextents, nofilter, noparallel, offset" in listed
+    names = listed.split(", ")
+    assert names == sorted(names)
+    assert {"limit", "noextents", "nofilter", "noparallel", "offset"} <= set(names)
     assert "filter: offset\noffset=<OFFSET>" in out.stdout
 
 

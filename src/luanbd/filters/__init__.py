@@ -14,6 +14,7 @@ from luanbd.backend.interface import StartupError
 #: Every built-in filter, by nbdkit's name -> module of this package.
 BUILTIN = {
     "exportname": "exportname",
+    "log": "log",
     "nofilter": "nofilter",
     "noextents": "noextents",
     "noparallel": "noparallel",

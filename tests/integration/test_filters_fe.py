@@ -1,0 +1,163 @@
+"""The log, stats, swab and protect filters against nbdkit's: the same client under both
+servers, and the files the filters write compared line by line (timestamps and times
+normalised)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import pytest
+
+nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
+
+from differential import (  # noqa: E402
+    LUANBD,
+    NBDKIT,
+    Observation,
+    Session,
+    diff_observations,
+    nbdkit_available,
+    observe,
+)
+
+pytestmark = pytest.mark.skipif(nbdkit_available() is not None,
+                                reason=str(nbdkit_available()))
+
+KiB = 1024
+SIZE = 1024 * KiB
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6} ")
+
+
+def _wait_for(path: str, s: Session, text: str, count: int = 1) -> str:
+    deadline = time.monotonic() + 10
+    file = s.tmp / path
+    seen, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = file.read_text() if file.exists() else ""
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif now.count(text) >= count and time.monotonic() - since > 0.3:
+            break  # and unchanged for a while: the lines still on their way are in
+        time.sleep(0.02)
+    return seen or ""
+
+
+def _log_lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    for line in lines:
+        assert _STAMP.match(line), line
+    return [_STAMP.sub("", line) for line in lines]
+
+
+def _requests(s: Session, h: nbd.NBD) -> None:
+    s.write(h, 1, 4 * KiB, 0)
+    s.write(h, 2, 512, 8 * KiB)
+    s.read(h, 4 * KiB, 0)
+    s.read(h, 1, SIZE - 1)
+    s.op("write fua", h.pwrite, b"x" * 512, 4096, nbd.CMD_FLAG_FUA)
+    if h.can_zero():
+        s.op("zero", h.zero, 8192, 16 * KiB)
+        s.op("zero may-trim", h.zero, 512, 0, nbd.CMD_FLAG_NO_HOLE)
+    if h.can_trim():
+        s.op("trim", h.trim, 4096, 64 * KiB)
+    if h.can_flush():
+        s.op("flush", h.flush)
+    if h.can_cache():
+        s.op("cache", h.cache, 4096, 0)
+    if h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        s.block_status(h, SIZE, 0)
+        s.block_status(h, 64 * KiB, 0, nbd.CMD_FLAG_REQ_ONE)
+
+
+def both(args: tuple[str, ...], filters: tuple[str, ...], client: Callable[[Session], None],
+         script: str = "ramdisk.lua") -> tuple[Observation, Observation]:
+    options = tuple(f"--filter={f}" for f in filters)
+    obs = [observe(server, script, args, options=options, client=client)
+           for server in (NBDKIT, LUANBD)]
+    return obs[0], obs[1]
+
+
+# --- log -----------------------------------------------------------------------------------
+
+def _log_client(s: Session) -> None:
+    h = s.connect_and_probe()
+    _requests(s, h)
+    s.disconnect(h)
+    h2 = s.connect_and_probe()
+    s.read(h2, 512, 0)
+    s.disconnect(h2)
+    s.obs.extra["log"] = _log_lines(_wait_for("log.txt", s, "Disconnect", 2))
+
+
+LOG_STACKS = [("log",), ("log", "offset"), ("offset", "log"), ("log", "truncate"),
+              ("log", "nofilter")]
+
+
+@pytest.mark.parametrize("filters", LOG_STACKS, ids=["+".join(f) for f in LOG_STACKS])
+def test_log_file_as_nbdkit(filters: tuple[str, ...]) -> None:
+    extra = {"offset": ("offset=4096",), "truncate": ("truncate=1536K",)}
+    args = tuple(a for f in filters for a in extra.get(f, ()))
+    expected, got = both((f"size={SIZE}", "logfile=log.txt", *args), filters, _log_client)
+    assert expected.exit_code is None, expected.stderr
+    assert expected == got, diff_observations(expected, got)
+    log = got.extra["log"]
+    assert log[0].startswith("Ready thread_model=")
+    if "truncate" in filters:  # truncate answers extents: the list as nbdkit shows it
+        assert 'connection=1 ...Extents id=10 extents=(0x0 0x100000 "") return=0' in log
+    assert any(line.startswith("connection=1 Connect export=\"\"") for line in log)
+    assert log[-1] == "connection=2 Disconnect transactions=1"
+
+
+def _log_errors(s: Session) -> None:
+    h = s.connect_and_probe()
+    s.write(h, 1, 512, 0)          # past the truncated plugin: ENOSPC
+    s.read(h, 512, 0)
+    s.disconnect(h)
+    s.obs.extra["log"] = _log_lines(_wait_for("log.txt", s, "Disconnect"))
+
+
+def test_log_shows_errors_as_nbdkit() -> None:
+    expected, got = both((f"size={SIZE}", "logfile=log.txt", "truncate=2M", "offset=1536K"),
+                         ("log", "offset", "truncate"), _log_errors)
+    assert expected == got, diff_observations(expected, got)
+    assert any("return=-1 error=ENOSPC" in line for line in got.extra["log"])
+
+
+def test_log_append() -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.disconnect(h)
+        s.obs.extra["log"] = _log_lines(_wait_for("log.txt", s, "Disconnect"))
+
+    for append in ("true", "false", "yes"):
+        expected, got = both((f"size={SIZE}", "logfile=log.txt", f"logappend={append}"),
+                             ("log",), client)
+        assert expected == got, diff_observations(expected, got)
+        assert got.extra["log"][0].startswith("Ready")
+
+
+def test_log_script_as_nbdkit() -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.read(h, 512, 0)
+        s.disconnect(h)
+        # nbdkit's script runs may finish out of order: compare the lines, not the order.
+        s.obs.extra["script"] = sorted(_wait_for("script.txt", s, "Disconnect").splitlines())
+
+    expected, got = both(
+        (f"size={SIZE}", "logscript=echo $type $act $connection $id $offset $return >> script.txt"),
+        ("log",), client)
+    assert expected == got, diff_observations(expected, got)
+    assert "ENTER Read 1 1 0x0" in got.extra["script"]
+
+
+BAD_LOG = [("logappend=maybe",), ("logfile=no/such/dir/log.txt",)]
+
+
+@pytest.mark.parametrize("args", BAD_LOG, ids=[a[0] for a in BAD_LOG])
+def test_log_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("log",), lambda s: None)
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1
