@@ -161,3 +161,81 @@ def test_log_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
     expected, got = both((f"size={SIZE}", *args), ("log",), lambda s: None)
     assert expected == got, diff_observations(expected, got)
     assert expected.exit_code == 1
+
+
+# --- stats ---------------------------------------------------------------------------------
+
+_TIME = re.compile(r"\d+\.\d{6} s")
+_RATE = re.compile(r"(?:\d+(?:\.\d\d)? (?:bytes|KiB|MiB|GiB)|\(n/a\))/s")
+
+
+def _stats_lines(text: str) -> list[str]:
+    """The statistics with the times and rates (which differ from run to run) as T and R."""
+    return [_RATE.sub("R/s", _TIME.sub("T s", line)) for line in text.splitlines()]
+
+
+def _stats_client(s: Session) -> None:
+    import signal
+
+    h = s.connect_and_probe()
+    # Bucket sizes with distinct counts (nbdkit shows one bucket per count).
+    for i in range(6):
+        s.read(h, 4 * KiB, i * 4 * KiB)
+    for i in range(3):
+        s.read(h, 512, 512 * i + 3 * 512)
+    s.read(h, 64 * KiB, 128 * KiB)
+    for i in range(4):
+        s.write(h, i, 512, 1024 * i)
+    s.write(h, 9, 8 * KiB, 24 * KiB)
+    s.op("write tiny", h.pwrite, b"abc", 7)
+    if h.can_zero():
+        s.op("zero", h.zero, 8192, 16 * KiB)
+    if h.can_trim():
+        s.op("trim", h.trim, 4096, 64 * KiB)
+        s.op("trim", h.trim, 4096, 72 * KiB)
+    if h.can_flush():
+        s.op("flush", h.flush)
+    if h.can_cache():
+        s.op("cache", h.cache, 4096, 0)
+    s.read(h, 512, SIZE)  # refused by the server: not counted
+    s.disconnect(h)
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGTERM)  # the statistics are written at exit
+    s.proc.wait(10)
+    path = s.tmp / "stats.txt"
+    s.obs.extra["stats"] = _stats_lines(path.read_text() if path.exists() else "")
+
+
+STATS = [(), ("statsthreshold=0",), ("statsthreshold=100",), ("statsthreshold=50",),
+         ("statsappend=true",)]
+
+
+@pytest.mark.parametrize("args", STATS, ids=[",".join(a) or "default" for a in STATS])
+def test_stats_file_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", "statsfile=stats.txt", *args), ("stats",),
+                         _stats_client)
+    assert expected.exit_code is None, expected.stderr
+    assert expected == got, diff_observations(expected, got)
+    stats = got.extra["stats"]
+    assert stats[0].startswith("total: ")
+    assert any(line.startswith("read: 10 ops, T s, 89.50 KiB") for line in stats), stats
+
+
+def test_stats_below_other_filters_as_nbdkit() -> None:
+    expected, got = both((f"size={SIZE}", "statsfile=stats.txt", "offset=1000"),
+                         ("offset", "stats"), _stats_client)
+    assert expected == got, diff_observations(expected, got)
+
+
+BAD_STATS = [(), ("statsfile=stats.txt", "statsthreshold=101"),
+             ("statsfile=stats.txt", "statsthreshold=x"),
+             ("statsfile=stats.txt", "statsthreshold=5x"),
+             ("statsfile=stats.txt", "statsthreshold=-1"),
+             ("statsfile=stats.txt", "statsappend=x")]
+
+
+@pytest.mark.parametrize("args", BAD_STATS, ids=[",".join(a) or "none" for a in BAD_STATS])
+def test_stats_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("stats",), lambda s: None)
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1

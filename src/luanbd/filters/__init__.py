@@ -21,6 +21,7 @@ BUILTIN = {
     "offset": "offset",
     "partition": "partition",
     "readonly": "readonly",
+    "stats": "stats",
     "truncate": "truncate",
 }
 
