@@ -22,6 +22,7 @@ BUILTIN = {
     "partition": "partition",
     "readonly": "readonly",
     "stats": "stats",
+    "swab": "swab",
     "truncate": "truncate",
 }
 

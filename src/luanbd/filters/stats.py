@@ -43,8 +43,8 @@ def humanrate(n: int, usecs: int) -> str:
 _INT = re.compile(r"\s*([-+]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*))")
 
 
-def _parse_int(what: str, value: str) -> int:
-    """nbdkit_parse_int (strtol, base 0) and its messages."""
+def parse_int(what: str, value: str) -> int:
+    """nbdkitparse_int (strtol, base 0) and its messages."""
     m = _INT.match(value)
     if m is None:
         raise StartupError(f"{what}: empty string where we expected a number")
@@ -102,7 +102,7 @@ class Filter(Backend):
             except ValueError as e:
                 raise StartupError(str(e)) from None
         elif key == "statsthreshold":
-            ival = _parse_int("printing threshold", value)
+            ival = parse_int("printing threshold", value)
             if not 0 <= ival <= 100:
                 raise StartupError("statsthreshold must be between 0 and 100 (percent)")
             self.threshold = ival / 100
