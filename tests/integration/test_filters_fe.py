@@ -287,3 +287,52 @@ def test_swab_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
     expected, got = both((f"size={SIZE}", *args), ("swab",), lambda s: None)
     assert expected == got, diff_observations(expected, got)
     assert expected.exit_code == 1
+
+
+# --- protect -------------------------------------------------------------------------------
+
+def _protect_client(s: Session) -> None:
+    from test_filters import exercise
+
+    exercise(s)
+    h = s.connect_and_probe()
+    for offset in (0, 100, 512, 4096, 8192, 8292, SIZE - 512):
+        s.op(f"zeroes again @{offset}", h.pwrite, bytes(512), offset)  # unchanged: allowed
+        s.op(f"ones @{offset}", h.pwrite, b"\1" * 512, offset)
+        s.read(h, 512, offset)
+        s.op(f"same ones @{offset}", h.pwrite, b"\1" * 512, offset)
+        s.op(f"zero @{offset}", h.zero, 512, offset)
+        s.op(f"trim @{offset}", h.trim, 512, offset)
+    s.disconnect(h)
+
+
+# (Not overlapping ranges such as 100-200 and 150-300: nbdkit 1.32 then crashes.)
+PROTECT = [("protect=0-0x1ff",), ("protect=~4096-8191",), ("protect=4096-",), ("protect=-4095",),
+           ("protect=0-99", "protect=100-8191"),
+           ("protect=0-8191", "protect=100-200"), ("protect=8192-9000", "protect=0-511"),
+           ("protect=0-0",), ("protect=~0-",)]
+
+
+@pytest.mark.parametrize("args", PROTECT, ids=[",".join(a) for a in PROTECT])
+def test_protect_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("protect",), _protect_client)
+    assert expected.exit_code is None, expected.stderr
+    assert expected == got, diff_observations(expected, got)
+
+
+def test_protect_stacked_as_nbdkit() -> None:
+    expected, got = both((f"size={SIZE}", "protect=0-1023", "offset=512"),
+                         ("offset", "protect", "log"), _protect_client)
+    assert expected == got, diff_observations(expected, got)
+    assert got.outcome("ones @0") == "EPERM"
+
+
+BAD_PROTECT = [("protect=100",), ("protect=200-100",), ("protect=x-100",),
+               ("protect=-1-5",), ("protect=1-2x",), ("protect=~5",)]
+
+
+@pytest.mark.parametrize("args", BAD_PROTECT, ids=[a[0] for a in BAD_PROTECT])
+def test_protect_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", *args), ("protect",), lambda s: None)
+    assert expected == got, diff_observations(expected, got)
+    assert expected.exit_code == 1

@@ -20,6 +20,7 @@ BUILTIN = {
     "noparallel": "noparallel",
     "offset": "offset",
     "partition": "partition",
+    "protect": "protect",
     "readonly": "readonly",
     "stats": "stats",
     "swab": "swab",
