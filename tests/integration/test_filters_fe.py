@@ -336,3 +336,53 @@ def test_protect_bad_parameters_as_nbdkit(args: tuple[str, ...]) -> None:
     expected, got = both((f"size={SIZE}", *args), ("protect",), lambda s: None)
     assert expected == got, diff_observations(expected, got)
     assert expected.exit_code == 1
+
+
+# --- log, more -----------------------------------------------------------------------------
+
+def _log_more_client(s: Session) -> None:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(s.sock)
+    names: list[str] = []
+    h.opt_list(lambda name, desc: names.append(name))
+    h.opt_abort()
+    s.obs.extra["exports"] = names
+    h = s.connect_and_probe()
+    if not h.is_read_only():
+        s.write(h, 1, 512, 0)
+        s.op("zeroes", h.pwrite, bytes(512), 512)
+        s.op("zero", h.zero, 512, 0)
+    s.read(h, 512, 0)
+    if h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        size = h.get_size()
+        s.block_status(h, size, 0)
+        s.block_status(h, 8192, size - 8192)
+    s.disconnect(h)
+    s.obs.extra["log"] = _log_lines(_wait_for("log.txt", s, "Disconnect"))
+
+
+LOG_MORE = [("ramdisk.lua", ("log", "protect"), (f"size={SIZE}", "protect=0-511")),
+            ("ramdisk.lua", ("log", "truncate"), (f"size={SIZE}", "truncate=1056768")),
+            ("ramdisk.lua", ("log", "offset", "truncate"),
+             (f"size={SIZE}", "truncate=1048580", "offset=1000")),
+            ("caps.lua", ("log",), ()),
+            ("caps.lua", ("log",), ("can_write=false",)),
+            ("minimal.lua", ("log",), ())]
+
+
+@pytest.mark.parametrize(("script", "filters", "args"), LOG_MORE,
+                         ids=[f"{sc}:{'+'.join(f)}:{','.join(a)}" for sc, f, a in LOG_MORE])
+def test_log_more_as_nbdkit(script: str, filters: tuple[str, ...], args: tuple[str, ...]) -> None:
+    expected, got = both(("logfile=log.txt", *args), filters, _log_more_client, script=script)
+    assert expected.exit_code is None, expected.stderr
+    assert expected == got, diff_observations(expected, got)
+    assert any(line.startswith("...ListExports id=1 exports=(") for line in got.extra["log"])
+
+
+def test_log_read_only_as_nbdkit() -> None:
+    obs = [observe(server, "ramdisk.lua", (f"size={SIZE}", "logfile=log.txt"),
+                   options=("-r", "--filter=log"), client=_log_more_client)
+           for server in (NBDKIT, LUANBD)]
+    assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
+    assert any(" write=0 " in line for line in obs[1].extra["log"])

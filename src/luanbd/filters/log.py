@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.context import clip_extents
+from luanbd.backend.context import ZERO_EMULATION_CHUNK, clip_extents
 from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     EXTENT_HOLE,
@@ -28,6 +28,7 @@ from luanbd.backend.interface import (
     FLAG_REQ_ONE,
     FuaMode,
     Handle,
+    PluginError,
     StartupError,
 )
 
@@ -52,6 +53,22 @@ def shell_quote(text: str) -> str:
 
 def _name(raw: bytes | None) -> str:
     return (raw or b"").decode("utf-8", "replace")
+
+
+def _zero_or_emulate(next: Context, count: int, offset: int, flags: int) -> None:
+    """The next layer's zero; where it cannot (ENOTSUP), zeroes written, unlogged, as
+    nbdkit's plugin layer (below this filter) does."""
+    try:
+        next.zero(count, offset, flags)
+        return
+    except PluginError as err:
+        if flags & FLAG_FAST_ZERO or err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    while count:
+        chunk = min(count, ZERO_EMULATION_CHUNK)
+        next.pwrite(bytes(chunk), offset, flags & FLAG_FUA)
+        offset += chunk
+        count -= chunk
 
 
 class _Conn:
@@ -200,17 +217,18 @@ class Filter(Backend):
         export = _name(info.export_name if info else b"")
         tls = int(info.is_tls) if info else 0
         # nbdkit's .prepare: the capabilities of the layers below.
+        # (A read-only connection cannot write, trim, zero or FUA, whatever the layers say.)
         size = next.get_size()
-        w = next.can_write()
+        w = not readonly and next.can_write()
         f = next.can_flush()
         r = next.is_rotational()
-        t = next.can_trim()
+        t = w and next.can_trim()
         z = (2 if next.can_zero() else 1) if w else 0
-        h.fua = next.can_fua()
+        h.fua = next.can_fua() if w else FuaMode.NONE
         fua = int(h.fua)
         e = next.can_extents()
         c = int(next.can_cache())
-        fz = next.can_fast_zero()
+        fz = w and next.can_fast_zero()
         minsize, prefsize, maxsize = next.block_size() or (0, 0, 0)
         self._emit(h, 0, "Connect", "PRINT",
                    f"export={shell_quote(export)} tls={tls} size={size:#x} "
@@ -262,7 +280,8 @@ class Filter(Backend):
                               f"trim={int(bool(flags & FLAG_MAY_TRIM))} "
                               f"fua={int(bool(flags & FLAG_FUA))} "
                               f"fast={int(bool(flags & FLAG_FAST_ZERO))}",
-                   lambda: self._fua(next, h, flags, lambda f: next.zero(count, offset, f)))
+                   lambda: self._fua(next, h, flags,
+                                     lambda f: _zero_or_emulate(next, count, offset, f)))
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         self._call(h, "Cache", f"offset={offset:#x} count={count:#x}",
