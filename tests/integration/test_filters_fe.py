@@ -188,7 +188,9 @@ def _stats_client(s: Session) -> None:
         s.write(h, i, 512, 1024 * i)
     s.write(h, 9, 8 * KiB, 24 * KiB)
     s.op("write tiny", h.pwrite, b"abc", 7)
+    s.op("write fua", h.pwrite, bytes(1024), 2048, nbd.CMD_FLAG_FUA)
     if h.can_zero():
+        s.op("zero fua", h.zero, 1024, 4096, nbd.CMD_FLAG_FUA)
         s.op("zero", h.zero, 8192, 16 * KiB)
     if h.can_trim():
         s.op("trim", h.trim, 4096, 64 * KiB)
@@ -219,6 +221,15 @@ def test_stats_file_as_nbdkit(args: tuple[str, ...]) -> None:
     stats = got.extra["stats"]
     assert stats[0].startswith("total: ")
     assert any(line.startswith("read: 10 ops, T s, 89.50 KiB") for line in stats), stats
+
+
+@pytest.mark.parametrize("script", ["caps.lua", "minimal.lua"])
+def test_stats_with_emulated_fua_and_zero_as_nbdkit(script: str) -> None:
+    """nbdkit emulates below its filters: the emulation's flushes and writes are not
+    counted."""
+    expected, got = both(("statsfile=stats.txt",), ("stats",), _stats_client, script=script)
+    assert expected.exit_code is None, expected.stderr
+    assert expected == got, diff_observations(expected, got)
 
 
 def test_stats_below_other_filters_as_nbdkit() -> None:

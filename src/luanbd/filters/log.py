@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.context import ZERO_EMULATION_CHUNK, clip_extents
+from luanbd.backend.context import clip_extents
 from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     EXTENT_HOLE,
@@ -28,9 +28,9 @@ from luanbd.backend.interface import (
     FLAG_REQ_ONE,
     FuaMode,
     Handle,
-    PluginError,
     StartupError,
 )
+from luanbd.filters.emulate import fua_above, with_fua, zero_or_emulate
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_=,:/")
 
@@ -53,22 +53,6 @@ def shell_quote(text: str) -> str:
 
 def _name(raw: bytes | None) -> str:
     return (raw or b"").decode("utf-8", "replace")
-
-
-def _zero_or_emulate(next: Context, count: int, offset: int, flags: int) -> None:
-    """The next layer's zero; where it cannot (ENOTSUP), zeroes written, unlogged, as
-    nbdkit's plugin layer (below this filter) does."""
-    try:
-        next.zero(count, offset, flags)
-        return
-    except PluginError as err:
-        if flags & FLAG_FAST_ZERO or err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    while count:
-        chunk = min(count, ZERO_EMULATION_CHUNK)
-        next.pwrite(bytes(chunk), offset, flags & FLAG_FUA)
-        offset += chunk
-        count -= chunk
 
 
 class _Conn:
@@ -240,15 +224,11 @@ class Filter(Backend):
     def can_fua(self, next: Context, h: Handle) -> FuaMode:
         # nbdkit emulates FUA in the plugin layer, below this one, so the log shows the
         # flag: here too, by flushing after the call ourselves (unlogged).
-        return FuaMode.NATIVE if h.fua is FuaMode.EMULATE else h.fua
+        return fua_above(h.fua)
 
     @staticmethod
     def _fua(next: Context, h: _Conn, flags: int, call: Callable[[int], None]) -> None:
-        if flags & FLAG_FUA and h.fua is FuaMode.EMULATE:
-            call(flags & ~FLAG_FUA)
-            next.flush(0)
-        else:
-            call(flags)
+        with_fua(next, h.fua, flags, call)
 
     def close(self, next: Context, h: Handle) -> None:
         self._emit(h, 0, "Disconnect", "PRINT", f"transactions={h.id}")
@@ -281,7 +261,7 @@ class Filter(Backend):
                               f"fua={int(bool(flags & FLAG_FUA))} "
                               f"fast={int(bool(flags & FLAG_FAST_ZERO))}",
                    lambda: self._fua(next, h, flags,
-                                     lambda f: _zero_or_emulate(next, count, offset, f)))
+                                     lambda f: zero_or_emulate(next, count, offset, f)))
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         self._call(h, "Cache", f"offset={offset:#x} count={count:#x}",

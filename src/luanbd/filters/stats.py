@@ -18,7 +18,8 @@ from typing import IO
 
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_bool
-from luanbd.backend.interface import Handle, StartupError
+from luanbd.backend.interface import FuaMode, Handle, StartupError
+from luanbd.filters.emulate import fua_above, with_fua, zero_or_emulate
 
 KiB = 1024
 MiB = KiB * KiB
@@ -76,6 +77,14 @@ class _Stat:
         #: size bits -> alignment bits -> requests (dicts keep the order first seen).
         self.count: dict[int, dict[int, int]] = {}
         self.size: dict[int, int] = {}
+
+
+class _Conn:
+    __slots__ = ("fua",)
+
+    def __init__(self) -> None:
+        #: The next layer's can_fua, once asked.
+        self.fua = FuaMode.NATIVE
 
 
 class Filter(Backend):
@@ -197,6 +206,16 @@ class Filter(Backend):
         return out
 
     # --- the requests ---------------------------------------------------------------------
+    # FUA and zeroes the plugin cannot do are emulated below this layer, as in nbdkit, so
+    # that the emulation's flushes and writes are not counted (filters/emulate.py).
+    def open(self, next: Context, readonly: bool) -> Handle:
+        next.open(readonly)
+        return _Conn()
+
+    def can_fua(self, next: Context, h: Handle) -> FuaMode:
+        h.fua = next.can_fua()
+        return fua_above(h.fua)
+
     def _record(self, st: _Stat, size: int, offset: int, start: float) -> None:
         usecs = int((time.time() - start) * 1e6)
         with self.lock:
@@ -220,17 +239,17 @@ class Filter(Backend):
 
     def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
         start = time.time()
-        next.pwrite(buf, offset, flags)
+        with_fua(next, h.fua, flags, lambda f: next.pwrite(buf, offset, f))
         self._record(self.stats["write"], len(buf), offset, start)
 
     def trim(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         start = time.time()
-        next.trim(count, offset, flags)
+        with_fua(next, h.fua, flags, lambda f: next.trim(count, offset, f))
         self._record(self.stats["trim"], count, offset, start)
 
     def zero(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         start = time.time()
-        next.zero(count, offset, flags)
+        with_fua(next, h.fua, flags, lambda f: zero_or_emulate(next, count, offset, f))
         self._record(self.stats["zero"], count, offset, start)
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
