@@ -153,6 +153,20 @@ def test_log_script_as_nbdkit() -> None:
     assert "ENTER Read 1 1 0x0" in got.extra["script"]
 
 
+def test_log_script_failing_as_nbdkit() -> None:
+    """The script's exit status changes nothing, and is not logged."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.read(h, 512, 0)
+        s.disconnect(h)
+        s.settle()
+
+    expected, got = both((f"size={SIZE}", "logscript=test $act != Read || exit 3"), ("log",),
+                         client)
+    assert expected == got, diff_observations(expected, got)
+    assert got.ops == [("read 512@0", "zeroes n=512")], got.ops
+
+
 BAD_LOG = [("logappend=maybe",), ("logfile=no/such/dir/log.txt",)]
 
 

@@ -90,7 +90,7 @@ class _Conn:
 class Filter(Backend):
     name = "stats"
     config_help = ("statsfile=<FILE>    (required) The file to place the log in.\n"
-                   "statsappend=<BOOL>  True to append to the log (default false).\n")
+                   "statsappend=<BOOL>  True to append to the log (default false).")
 
     def __init__(self) -> None:
         self.filename: str | None = None
