@@ -213,7 +213,10 @@ def _stats_client(s: Session) -> None:
         s.op("flush", h.flush)
     if h.can_cache():
         s.op("cache", h.cache, 4096, 0)
-    s.read(h, 512, SIZE)  # refused by the server: not counted
+    if h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+        s.block_status(h, 64 * KiB, 0)
+        s.block_status(h, 4 * KiB, 8 * KiB)
+    s.read(h, 512, SIZE * 4)  # refused by the server: not counted
     s.disconnect(h)
     assert s.proc is not None
     s.proc.send_signal(signal.SIGTERM)  # the statistics are written at exit
@@ -246,10 +249,19 @@ def test_stats_with_emulated_fua_and_zero_as_nbdkit(script: str) -> None:
     assert expected == got, diff_observations(expected, got)
 
 
-def test_stats_below_other_filters_as_nbdkit() -> None:
-    expected, got = both((f"size={SIZE}", "statsfile=stats.txt", "offset=1000"),
-                         ("offset", "stats"), _stats_client)
+STATS_STACKS = [(("offset", "stats"), ("offset=1000",)),
+                (("stats", "truncate"), ("truncate=2M",)),
+                (("stats", "swab", "truncate"), ("truncate=1048580", "swab-bits=32"))]
+
+
+@pytest.mark.parametrize(("filters", "args"), STATS_STACKS,
+                         ids=["+".join(f) + ":" + ",".join(a) for f, a in STATS_STACKS])
+def test_stats_in_stacks_as_nbdkit(filters: tuple[str, ...], args: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}", "statsfile=stats.txt", *args), filters,
+                         _stats_client)
     assert expected == got, diff_observations(expected, got)
+    if "truncate" in filters:
+        assert any(line.startswith("extents: 2 ops") for line in got.extra["stats"])
 
 
 BAD_STATS = [(), ("statsfile=stats.txt", "statsthreshold=101"),
@@ -411,3 +423,23 @@ def test_log_read_only_as_nbdkit() -> None:
            for server in (NBDKIT, LUANBD)]
     assert obs[0] == obs[1], diff_observations(obs[0], obs[1])
     assert any(" write=0 " in line for line in obs[1].extra["log"])
+
+
+def test_log_quotes_export_names_as_nbdkit() -> None:
+    def client(s: Session) -> None:
+        for name in ("disk-1.img", 'a b$c"d`e\\f', "x=y,z:/w"):
+            h = nbd.NBD()
+            h.set_export_name(name)
+            try:
+                h.connect_unix(s.sock)
+            except nbd.Error as e:
+                s.obs.extra.setdefault("errors", []).append(str(e))
+                continue
+            h.shutdown()
+        s.obs.extra["log"] = [line for line in
+                              _log_lines(_wait_for("log.txt", s, "Disconnect", 3))
+                              if " Connect " in line]
+
+    expected, got = both((f"size={SIZE}", "logfile=log.txt"), ("log",), client)
+    assert expected == got, diff_observations(expected, got)
+    assert any('export="a b\\$c\\"d\\`e\\\\f"' in line for line in got.extra["log"])
