@@ -43,6 +43,8 @@ class Backend:
     name = "filter"
     #: The filter's parameters, for --help (nbdkit-filter(3)'s config_help).
     config_help = ""
+    #: The chain's thread model, set before get_ready (nbdkit passes it to .get_ready).
+    chain_thread_model = ThreadModel.PARALLEL
 
     @property
     def thread_model(self) -> ThreadModel:
@@ -455,7 +457,9 @@ class Chain:
 
     def get_ready(self) -> None:
         """Filters from the one nearest the plugin outwards, after the plugin (nbdkit)."""
+        model = self.thread_model
         for layer in reversed(self.filters):
+            layer.chain_thread_model = model
             layer.get_ready()
 
     def after_fork(self) -> None:

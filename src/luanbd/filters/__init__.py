@@ -25,6 +25,7 @@ BUILTIN = {
     "exitwhen": "exitwhen",
     "exportname": "exportname",
     "fua": "fua",
+    "log": "log",
     "nocache": "nocache",
     "noextents": "noextents",
     "nofilter": "nofilter",
@@ -32,7 +33,10 @@ BUILTIN = {
     "nozero": "nozero",
     "offset": "offset",
     "partition": "partition",
+    "protect": "protect",
     "readonly": "readonly",
+    "stats": "stats",
+    "swab": "swab",
     "truncate": "truncate",
 }
 
