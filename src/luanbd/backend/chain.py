@@ -301,43 +301,35 @@ class PluginContext(Context):
         return self.plugin.export_description(self.handle)
 
     def can_write(self) -> bool:
-        answer: bool = self._once("can_write")
-        return answer
+        return bool(self._once("can_write"))
 
     def can_flush(self) -> bool:
-        answer: bool = self._once("can_flush")
-        return answer
+        return bool(self._once("can_flush"))
 
     def is_rotational(self) -> bool:
-        answer: bool = self._once("is_rotational")
-        return answer
+        return bool(self._once("is_rotational"))
 
     def can_trim(self) -> bool:
-        answer: bool = self._once("can_trim")
-        return answer
+        return bool(self._once("can_trim"))
 
     def can_zero(self) -> ZeroMode:
         return ZeroMode.NATIVE if self._once("can_zero") else ZeroMode.EMULATE
 
     def can_fast_zero(self) -> bool:
-        answer: bool = self._once("can_fast_zero")
-        return answer
+        return bool(self._once("can_fast_zero"))
 
     def can_extents(self) -> bool:
         self.next_extents = bool(self._once("can_extents"))
         return self.next_extents
 
     def can_fua(self) -> FuaMode:
-        answer: FuaMode = self._once("can_fua")
-        return answer
+        return FuaMode(self._once("can_fua"))
 
     def can_multi_conn(self) -> bool:
-        answer: bool = self._once("can_multi_conn")
-        return answer
+        return bool(self._once("can_multi_conn"))
 
     def can_cache(self) -> CacheMode:
-        answer: CacheMode = self._once("can_cache")
-        return answer
+        return CacheMode(self._once("can_cache"))
 
     def pread(self, count: int, offset: int, flags: int) -> bytes | memoryview:
         return self.plugin.pread(self.handle, count, offset, flags)
