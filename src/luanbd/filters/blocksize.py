@@ -17,7 +17,7 @@ from luanbd.backend.interface import (
     Handle,
     StartupError,
 )
-from luanbd.filters.offset import size_parameter
+from luanbd.filters.params import size_parameter
 
 MIN_LIMIT = 64 * 1024
 _UINT_MAX = (1 << 32) - 1

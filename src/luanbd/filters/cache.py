@@ -36,7 +36,7 @@ from luanbd.backend.interface import (
     StartupError,
 )
 from luanbd.filters.cow import LARGE_TMPDIR, _failed, bool_parameter
-from luanbd.filters.offset import size_parameter
+from luanbd.filters.params import size_parameter
 from luanbd.filters.partition import parse_unsigned
 
 NOT_CACHED = 0

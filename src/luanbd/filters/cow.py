@@ -33,7 +33,7 @@ from luanbd.backend.interface import (
     StartupError,
     ZeroMode,
 )
-from luanbd.filters.offset import size_parameter
+from luanbd.filters.params import size_parameter
 
 #: Block states in the bitmap (nbdkit blk.c's).
 NOT_ALLOCATED = 0

@@ -5,16 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_size
-from luanbd.backend.interface import Handle, PluginError, StartupError
-
-
-def size_parameter(key: str, value: str) -> int:
-    """nbdkit_parse_size for a filter's parameter: a start-up error in nbdkit's words."""
-    try:
-        return parse_size(value)
-    except ValueError as err:
-        raise StartupError(str(err)) from None
+from luanbd.backend.interface import Handle, PluginError
+from luanbd.filters.params import size_parameter
 
 
 class Filter(Backend):

@@ -3,35 +3,19 @@
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable
 
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import Handle, PluginError, StartupError
+from luanbd.filters.params import UINT_MAX, parse_number
 
 SECTOR = 512
-_UINT_MAX = (1 << 32) - 1
-#: strtoul(3) with base 0 after nbdkit_parse_unsigned's checks: hex, octal or decimal.
-_NUMBER = re.compile(r"[+]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 def parse_unsigned(what: str, value: str) -> int:
     """nbdkit_parse_unsigned, with nbdkit's messages."""
-    text = value.lstrip(" \t\n\v\f\r")
-    if text.startswith("-"):
-        raise StartupError(f"{what}: negative numbers are not allowed")
-    m = _NUMBER.match(text)
-    if m is None:
-        raise StartupError(f"{what}: empty string where we expected a number")
-    if m.end() != len(text):
-        raise StartupError(f'{what}: could not parse number: "{value}": trailing garbage')
-    digits = m.group(1)
-    n = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
-    if n > _UINT_MAX:
-        raise StartupError(f'{what}: could not parse number: "{value}": '
-                           f"Numerical result out of range")
-    return n
+    return parse_number(what, value, UINT_MAX)
 
 
 def _fail(message: str) -> PluginError:

@@ -6,33 +6,18 @@ plugin is read to compare)."""
 from __future__ import annotations
 
 import errno
-import re
 from collections.abc import Callable
 
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import Handle, PluginError, StartupError
+from luanbd.filters.params import UINT64_MAX, parse_number
 
 _INT64_MAX = (1 << 63) - 1
-_UINT64_MAX = (1 << 64) - 1
-_NUMBER = re.compile(r"[+]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 def parse_uint64(what: str, value: str) -> int:
     """nbdkit_parse_uint64_t, with nbdkit's messages."""
-    text = value.lstrip(" \t\n\v\f\r")
-    if text.startswith("-"):
-        raise StartupError(f"{what}: negative numbers are not allowed")
-    m = _NUMBER.match(text)
-    if m is None:
-        raise StartupError(f"{what}: empty string where we expected a number")
-    if m.end() != len(text):
-        raise StartupError(f'{what}: could not parse number: "{value}": trailing garbage')
-    digits = m.group(1)
-    n = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
-    if n > _UINT64_MAX:
-        raise StartupError(f'{what}: could not parse number: "{value}": '
-                           "Numerical result out of range")
-    return n
+    return parse_number(what, value, UINT64_MAX)
 
 
 class Filter(Backend):

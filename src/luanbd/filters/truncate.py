@@ -16,7 +16,7 @@ from luanbd.backend.interface import (
     PluginError,
     StartupError,
 )
-from luanbd.filters.offset import size_parameter
+from luanbd.filters.params import size_parameter
 
 _UINT_MAX = (1 << 32) - 1
 _INT64_MAX = (1 << 63) - 1
