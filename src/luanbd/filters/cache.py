@@ -35,7 +35,9 @@ from luanbd.backend.interface import (
     PluginError,
     StartupError,
 )
-from luanbd.filters.cow import LARGE_TMPDIR, _failed, bool_parameter
+from luanbd.filters.blockfile import failed as _failed
+from luanbd.filters.blockfile import file_pread, file_pwrite, plugin_blocks
+from luanbd.filters.cow import LARGE_TMPDIR, bool_parameter
 from luanbd.filters.params import size_parameter
 from luanbd.filters.partition import parse_unsigned
 
@@ -119,28 +121,13 @@ class _Blocks:
         self.reclaiming = len(self.lru) * bs >= low
 
     def _file_pread(self, n: int, offset: int) -> bytes:
-        try:
-            data = os.pread(self.fd, n, offset)
-        except OSError as err:
-            raise _failed("pread", "pread", err) from None
-        return data if len(data) == n else data + bytes(n - len(data))
+        return file_pread(self.fd, n, offset)
 
     def _file_pwrite(self, buf: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(buf)
-        try:
-            while view:
-                done = os.pwrite(self.fd, view, offset)
-                view = view[done:]
-                offset += done
-        except OSError as err:
-            raise _failed("pwrite", "pwrite", err) from None
+        file_pwrite(self.fd, buf, offset)
 
     def _plugin_read(self, next: Context, blknum: int, nblocks: int) -> bytes:
-        offset = blknum * self.blksize
-        want = nblocks * self.blksize
-        n = max(0, min(want, self.size - offset))
-        data = bytes(next.pread(n, offset, 0)) if n else b""
-        return data + bytes(want - n)
+        return plugin_blocks(next, blknum * self.blksize, nblocks * self.blksize, self.size)
 
     def _read(self, next: Context, blknum: int, nblocks: int) -> bytes:
         self._reclaim()

@@ -12,7 +12,6 @@ do; with a path, while it exists).
 
 from __future__ import annotations
 
-import errno
 import os
 import tempfile
 import threading
@@ -33,6 +32,8 @@ from luanbd.backend.interface import (
     StartupError,
     ZeroMode,
 )
+from luanbd.filters.blockfile import failed as _failed
+from luanbd.filters.blockfile import file_pread, file_pwrite, plugin_blocks
 from luanbd.filters.params import size_parameter
 
 #: Block states in the bitmap (nbdkit blk.c's).
@@ -50,11 +51,6 @@ def bool_parameter(value: str) -> bool:
         return parse_bool(value)
     except ValueError as err:
         raise StartupError(str(err)) from None
-
-
-def _failed(callback: str, call: str, err: OSError) -> PluginError:
-    """An overlay file call failed: nbdkit's ``call: %m``, with its errno."""
-    return PluginError(callback, f"{call}: {err.strerror}", err.errno or errno.EIO, bare=True)
 
 
 class Overlay:
@@ -104,29 +100,14 @@ class Overlay:
 
     # --- whole blocks -----------------------------------------------------------------
     def _pread(self, n: int, offset: int) -> bytes:
-        try:
-            data = os.pread(self.fd, n, offset)
-        except OSError as err:
-            raise _failed("pread", "pread", err) from None
-        return data if len(data) == n else data + bytes(n - len(data))
+        return file_pread(self.fd, n, offset)
 
     def _pwrite(self, buf: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(buf)
-        try:
-            while view:
-                done = os.pwrite(self.fd, view, offset)
-                view = view[done:]
-                offset += done
-        except OSError as err:
-            raise _failed("pwrite", "pwrite", err) from None
+        file_pwrite(self.fd, buf, offset)
 
     def _plugin(self, next: Context, blknum: int, nblocks: int) -> bytes:
         """Blocks from the plugin; the last one zero-padded past the plugin's end."""
-        offset = blknum * self.blksize
-        want = nblocks * self.blksize
-        n = max(0, min(want, self.size - offset))
-        data = bytes(next.pread(n, offset, 0)) if n else b""
-        return data + bytes(want - n)
+        return plugin_blocks(next, blknum * self.blksize, nblocks * self.blksize, self.size)
 
     def read(self, next: Context, blknum: int, nblocks: int, save: bool) -> bytes:
         """Blocks ``blknum``.. as the client sees them; ``save``: copy what came from the
