@@ -32,6 +32,7 @@ from luanbd.backend.interface import (
     StartupError,
     ZeroMode,
 )
+from luanbd.filters import blockfile
 from luanbd.filters.blockfile import failed as _failed
 from luanbd.filters.blockfile import file_pread, file_pwrite, plugin_blocks
 from luanbd.filters.params import size_parameter
@@ -85,15 +86,7 @@ class Overlay:
     def set_size(self, size: int) -> None:
         with self.lock:
             self.size = size
-            nblocks = -(-size // self.blksize)
-            if nblocks > len(self.bitmap):
-                self.bitmap.extend(bytes(nblocks - len(self.bitmap)))
-            else:
-                del self.bitmap[nblocks:]
-            try:
-                os.ftruncate(self.fd, nblocks * self.blksize)
-            except OSError as err:
-                raise _failed("get_size", "ftruncate", err) from None
+            blockfile.resize(self.fd, self.bitmap, size, self.blksize)
 
     def state(self, blknum: int) -> int:
         return self.bitmap[blknum] if blknum < len(self.bitmap) else NOT_ALLOCATED
@@ -232,13 +225,7 @@ class Filter(Backend):
         return size
 
     def block_size(self, next: Context, h: Handle) -> tuple[int, int, int] | None:
-        sizes = next.block_size()
-        if sizes is None or sizes[0] == 0:
-            return (1, self.blksize, 0xFFFFFFFF)
-        minimum, preferred, maximum = sizes
-        if maximum >= self.blksize:
-            preferred = max(preferred, self.blksize)
-        return (minimum, preferred, maximum)
+        return blockfile.block_size(next.block_size(), self.blksize)
 
     def can_write(self, next: Context, h: Handle) -> bool:
         return True
