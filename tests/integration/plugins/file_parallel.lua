@@ -2,7 +2,11 @@
 -- own Lua state; their callbacks run at the same time), for filters' thread-safety tests.
 --
 -- Keys:  file=PATH           the file to serve (required); it is opened read-write
+--
+-- API 2: luanbd reads `thread_model` only there (API 1 scripts are serialize_all_requests,
+-- as under nbdkit lua 1.32); the data callbacks take the extra flags argument and ignore it.
 
+API_VERSION = 2
 thread_model = "parallel"
 
 local path = nil
