@@ -51,11 +51,11 @@ class Backend:
         """The most this layer allows (the chain takes the minimum of all layers)."""
         return ThreadModel.PARALLEL
 
-    @classmethod
-    def passes_plain_requests(cls) -> bool:
+    def passes_plain_requests(self) -> bool:
         """This layer hands plain READs and WRITEs to the next one untouched, so the
         compiled request loop may call the plugin directly (it never skips a layer that
         looks at them)."""
+        cls = type(self)
         return cls.pread is Backend.pread and cls.pwrite is Backend.pwrite
 
     # --- process-wide ---------------------------------------------------------------------

@@ -50,6 +50,12 @@ class LuaScript:
     """One Lua script loaded into one Lua state: its callbacks, API version and thread
     model, and calling a callback by name."""
 
+    #: The callbacks looked up (API 2), those a script must define, and the thread model
+    #: of a script that declares none (a filter script changes these: lua/filter.py).
+    callbacks: tuple[str, ...] = CALLBACKS
+    required: tuple[str, ...] = REQUIRED
+    default_thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
+
     def __init__(self, script: str, *, lua: str = "5.4",
                  memory_limit: int | None = None, gc: str | None = None,
                  compiled_lualib: bool = True) -> None:
@@ -86,13 +92,17 @@ class LuaScript:
         self._pinning = Pinning.probe(self._control, self.lua_version)
         if gc is not None:
             self._set_gc_mode(gc)
+        self._before_script()
         self._load_script()
         self.api_version = self._read_api_version()
-        self.thread_model = ThreadModel.SERIALIZE_ALL_REQUESTS
+        self.thread_model = self.default_thread_model
         self.fn: dict[str, Any] = {}
         self.resolve_callbacks()
 
     # --- loading ------------------------------------------------------------------------
+    def _before_script(self) -> None:
+        """Anything the state needs before the script's top level runs."""
+
     def _set_gc_mode(self, mode: str) -> None:
         """--lua-gc: Lua 5.4's collector mode, before the script allocates anything."""
         if mode not in GC_MODES:
@@ -120,7 +130,7 @@ class LuaScript:
         ok, *rest = values(self._call(result))
         if not ok:
             raise StartupError(f"could not run Lua script: {text(rest[0])}")
-        for name in REQUIRED:
+        for name in self.required:
             if self._lua_type(self.g[name.encode()]) != "function":
                 raise StartupError(
                     f"{self.script}: one of the required callbacks 'open', 'get_size' or "
@@ -140,9 +150,9 @@ class LuaScript:
 
     def resolve_callbacks(self) -> None:
         """Look up the callback functions (again after config_complete)."""
-        allowed = SEED_CALLBACKS if self.api_version == 1 else frozenset(CALLBACKS)
+        allowed = SEED_CALLBACKS if self.api_version == 1 else frozenset(self.callbacks)
         self.fn = {}
-        for name in CALLBACKS:
+        for name in self.callbacks:
             value = self.g[name.encode()]
             if name == "load" and self.g.rawequal(value, self._builtin_load):
                 continue
@@ -156,7 +166,7 @@ class LuaScript:
         if self._lua_type(value) == "function":
             value = self._startup_call("thread_model")
         if value is None:
-            return ThreadModel.SERIALIZE_ALL_REQUESTS
+            return self.default_thread_model
         if not isinstance(value, bytes | int | float):
             raise StartupError(f"thread_model: unknown thread model (a {self._lua_type(value)} "
                                f"value)")
