@@ -222,8 +222,12 @@ def _parse_stderr(text: str, obs: Observation) -> list[str]:
 
 
 def _prepare(tmp: Path, script: str | None, files: Sequence[str]) -> None:
+    """Copy the script and ``files`` (names in plugins/, or absolute paths: copied under
+    their own name) into the server's directory."""
     for name in [script, *files]:
-        if name and (PLUGINS / name).exists():
+        if name and os.path.isabs(name):
+            shutil.copy(name, tmp / os.path.basename(name))
+        elif name and (PLUGINS / name).exists():
             shutil.copy(PLUGINS / name, tmp / name)
 
 

@@ -264,7 +264,9 @@ class BackendContext:
                             max_descriptor=(1 << 64) - 1 if wide else MAX_DESCRIPTOR)
 
     def _fua_native(self, fua: bool) -> bool:
-        return fua and self._caps.can_fua is FuaMode.NATIVE
+        """Pass FUA down rather than flush after?  With filters, always: they see the
+        client's flag, and the plugin layer emulates it (nbdkit plugins.c)."""
+        return fua and (self._filtered or self._caps.can_fua is FuaMode.NATIVE)
 
 
 def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_one: bool,

@@ -70,3 +70,11 @@ def realpath(path: str) -> str:
     if not os.path.exists(path):
         raise ValueError(f"realpath: {path}: No such file or directory")
     return os.path.realpath(path)
+
+
+def absolute_path(path: str) -> str:
+    """nbdkit_absolute_path: ``path`` made absolute from the working directory (it need not
+    exist)."""
+    if not path:
+        raise ValueError("cannot convert null or empty path to an absolute path")
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)

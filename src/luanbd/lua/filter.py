@@ -14,6 +14,7 @@ its errno and is logged once, as without the filter.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from importlib import resources
@@ -23,7 +24,9 @@ from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import (
+    FLAG_FAST_ZERO,
     CacheMode,
+    FastZeroRefused,
     FuaMode,
     Handle,
     PluginError,
@@ -348,7 +351,15 @@ class LuaFilter(Backend):
         if "zero" not in self._fn:
             next.zero(count, offset, flags)
             return
-        self._call("zero", h.next, h.handle, count, offset, flags)
+        try:
+            self._call("zero", h.next, h.handle, count, offset, flags)
+        except PluginError as err:
+            # ENOTSUP to a fast zero is the refusal the client asked for, not a failure
+            # to log (nbdkit's filters answer it with *err = ENOTSUP and no message).
+            if (flags & FLAG_FAST_ZERO and err.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
+                    and not isinstance(err, FastZeroRefused)):
+                raise FastZeroRefused from None
+            raise
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         if "cache" not in self._fn:

@@ -56,6 +56,9 @@ function nbdkit.read_password(s)
   check("read_password", 1, s, "string"); return prim("read_password", s)
 end
 function nbdkit.realpath(s) check("realpath", 1, s, "string"); return prim("realpath", s) end
+function nbdkit.absolute_path(s)
+  check("absolute_path", 1, s, "string"); return prim("absolute_path", s)
+end
 function nbdkit.export_name() return prim("export_name") end
 function nbdkit.is_tls() return prim("is_tls") end
 function nbdkit.peer_name() return prim("peer_name") end

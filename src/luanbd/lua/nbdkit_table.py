@@ -63,6 +63,7 @@ def primitives() -> dict[str, Callable[..., Any]]:
         "parse_bool": guard(lambda s: helpers.parse_bool(text(s))),
         "read_password": guard(lambda s: helpers.read_password(text(s)).encode()),
         "realpath": guard(lambda s: helpers.realpath(os.fsdecode(s)).encode()),
+        "absolute_path": guard(lambda s: os.fsencode(helpers.absolute_path(os.fsdecode(s)))),
         "export_name": guard(export_name),
         "is_tls": guard(lambda: conn().is_tls),
         "peer_name": guard(lambda: conn().peer_name.encode()),  # noqa: PLW0108
