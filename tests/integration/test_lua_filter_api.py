@@ -197,8 +197,9 @@ function export_description(next, h) return "described " .. h.name end
     assert got.extra["names"][:3] == ['"export-name": "a",', '"export-name": "b",',
                                       '"export-name": "extra",']
     trace = trace_file.read_text().splitlines()
-    assert trace[:8] == ["config mine yes", "config_complete yes", "get_ready serialize_all_requests",
-                         "preconnect false", "open false b false", "prepare b 1048576",
+    assert trace[:8] == ["config mine yes", "config_complete yes",
+                         "get_ready serialize_all_requests", "preconnect false",
+                         "open false b false", "prepare b 1048576",
                          "finalize b", "close b"], trace
     assert got.errors() == []
 
