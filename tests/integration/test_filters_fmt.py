@@ -26,6 +26,7 @@ from differential import (  # noqa: E402
     NBDKIT,
     Observation,
     Session,
+    describe,
     diff_observations,
     nbdkit_available,
     observe,
@@ -253,6 +254,42 @@ def test_tar_over_gzip_same_as_nbdkit(tmp_path: Path) -> None:
                             ("tar", "gzip"))
     same(expected, got)
     assert got.size == len(IMAGE) and got.caps["is_read_only"]
+
+
+LONG = "d/" + "x" * 120 + ".img"
+#: Names as GNU tar matches them: exactly, without wildcards, "./" kept, a directory's name
+#: for the first member under it; a long name in a pax header.
+TAR_NAMES = [
+    ({"./disk.img": IMAGE[:5000]}, "./disk.img", tarfile.GNU_FORMAT),
+    ({"dir/a": b"1" * 10, "dir/b": IMAGE[:5000]}, "dir", tarfile.GNU_FORMAT),
+    ({"dir/a": b"1" * 10, "dir/b": IMAGE[:5000]}, "dir/", tarfile.GNU_FORMAT),
+    ({"a*": b"1" * 10, "ab": IMAGE[:5000]}, "a*", tarfile.GNU_FORMAT),
+    ({"ab": b"1" * 10, "a*": IMAGE[:5000]}, "a*", tarfile.GNU_FORMAT),
+    ({"a": b"1", LONG: IMAGE[:5000]}, LONG, tarfile.PAX_FORMAT),
+]
+
+
+@pytest.mark.parametrize(("members", "entry", "fmt"), TAR_NAMES,
+                         ids=[f"{i}:{e[:12]}" for i, (_, e, _) in enumerate(TAR_NAMES)])
+def test_tar_names_as_nbdkit(tmp_path: Path, members: dict[str, bytes], entry: str,
+                             fmt: int) -> None:
+    expected, got, _ = both(tmp_path, {"a.tar": make_tar(members, fmt)},
+                            ("file={path}/a.tar", f"tar-entry={entry}"), ("tar",),
+                            options=("-r",))
+    same(expected, got)
+    assert got.connect_error is None
+
+
+def test_tar_gnu_long_name_is_served_from_its_data(tmp_path: Path) -> None:
+    """A difference: for a GNU long name nbdkit 1.32 serves the bytes from the long name's
+    block on (GNU tar's block number is the ././@LongLink header's); luanbd serves the
+    member."""
+    data = make_tar({"a": b"1", LONG: IMAGE[:5000]}, tarfile.GNU_FORMAT)
+    expected, got, _ = both(tmp_path, {"a.tar": data}, ("file={path}/a.tar", f"tar-entry={LONG}"),
+                            ("tar",), options=("-r",))
+    assert expected.size == got.size == 5000
+    assert got.outcome("read 4096@0") == describe(IMAGE[:4096])
+    assert expected.outcome("read 4096@0") != describe(IMAGE[:4096])
 
 
 TAR_BAD = [

@@ -2,10 +2,15 @@
 plugin serves, read and written in place.
 
 ``tar-entry=PATH`` (required, once) names the member; it must match the name stored in the
-tar file exactly (as ``tar tf`` lists it; a directory's name also matches with its trailing
-``/``).  The first connection finds where the member's data starts and how long it is; every
-request then goes to the plugin at that offset, so writes change the tar file (use ``-r``
-not to).  The member cannot be resized.
+tar file exactly, without wildcards, as ``tar tf`` lists it (a directory's name, with or
+without its trailing ``/``, gives the first member under it, as ``tar t DIR`` lists that
+first).  The first connection finds where the member's data starts and how long it is;
+every request then goes to the plugin at that offset, so writes change the tar file (use
+``-r`` not to).  The member cannot be resized.
+
+Unlike nbdkit 1.32, a member with a GNU long name (``././@LongLink``) is served from its
+data: nbdkit takes the block number GNU tar prints, which is the long-name header's, and
+serves the bytes from the long name's block on.
 
 nbdkit runs GNU tar (``tar=PROGRAM``) over the plugin's data to find the member; luanbd
 reads the headers with the standard library's :mod:`tarfile` instead, reading the plugin
@@ -62,13 +67,14 @@ class PluginFile(io.RawIOBase):
 
 def find_member(next: Context, entry: str) -> tuple[int, int]:
     """(offset of the data, size) of member ``entry`` of the tar file; ValueError if it is
-    not there or this is not a tar file."""
+    not there or this is not a tar file.  As GNU tar lists a name, a directory's name
+    matches the first member under it."""
     wanted = entry.rstrip("/") or entry
     try:
         with (io.BufferedReader(PluginFile(next), READ_SIZE) as f,
               tarfile.open(fileobj=f, mode="r:") as tar):
             while (member := tar.next()) is not None:
-                if member.name == wanted:
+                if member.name == wanted or member.name.startswith(wanted + "/"):
                     return member.offset_data, member.size
     except (tarfile.TarError, EOFError, OSError) as err:
         raise ValueError(str(err)) from None
