@@ -16,6 +16,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from luanbd import log
 from luanbd.backend.chain import Context
 from luanbd.backend.interface import PluginError
 
@@ -125,7 +126,8 @@ class XzFile:
     def __init__(self, next: Context) -> None:
         size = next.get_size()
         if size < len(HEADER_MAGIC):
-            raise XzError("xz: file too short")
+            log.error("xz: file too short")  # then the same message as for other data
+            raise XzError("xz: not an xz file")
         if _read(next, len(HEADER_MAGIC), 0) != HEADER_MAGIC:
             raise XzError("xz: not an xz file")
         streams = self._streams(next, size)
