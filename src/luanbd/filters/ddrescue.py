@@ -11,7 +11,9 @@ nbdkit's).  Lines that do not parse are skipped, as nbdkit's sscanf skips them.
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import re
 from collections.abc import Callable
 
@@ -73,10 +75,18 @@ class Filter(Backend):
 
     def __init__(self) -> None:
         self.ranges: list[tuple[int, int]] = []
+        #: The finished blocks' first bytes, sorted, and for each the furthest last byte of
+        #: the blocks up to it: a read is within one block iff a block starting at or
+        #: before it ends at or after its end.
+        self.starts: list[int] = []
+        self.reach: list[int] = []
 
     def config(self, next: Callable[[str, str], None], key: str, value: str) -> None:
         if key == "ddrescue-mapfile":
             self.ranges += parse_mapfile(value)
+            self.ranges.sort()
+            self.starts = [start for start, _ in self.ranges]
+            self.reach = list(itertools.accumulate((end for _, end in self.ranges), max))
         else:
             next(key, value)
 
@@ -88,10 +98,9 @@ class Filter(Backend):
 
     def pread(self, next: Context, h: Handle, count: int, offset: int,
               flags: int) -> bytes | memoryview:
-        last = offset + count - 1
-        for start, end in self.ranges:
-            if start <= offset <= end and last <= end:
-                return next.pread(count, offset, flags)
+        i = bisect.bisect_right(self.starts, offset) - 1
+        if i >= 0 and self.reach[i] >= offset + count - 1:
+            return next.pread(count, offset, flags)
         log.debug(f"ddrescue: pread: range: {offset:#x} {count:#x} failing with EIO")
         raise LoggedError("pread", "not in a finished block of the mapfile", errno.EIO,
                           bare=True)

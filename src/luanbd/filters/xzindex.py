@@ -28,6 +28,8 @@ STREAM_HEADER_SIZE = 12
 LZMA_FORMAT_ERROR = 7
 LZMA_OPTIONS_ERROR = 8
 LZMA_DATA_ERROR = 9
+#: How much of a block is read from the plugin at a time (nbdkit's bufsize).
+READ_SIZE = 1024 * 1024
 
 
 class XzError(Exception):
@@ -190,16 +192,23 @@ class XzFile:
         return self.blocks[bisect.bisect_right(self.starts, offset) - 1]
 
     def read_block(self, next: Context, block: Block) -> bytes:
-        """The uncompressed data of ``block`` (nbdkit's xzfile_read_block)."""
-        data = _read(next, _pad4(block.unpadded), block.file_offset)
-        if data[0] == 0:
+        """The uncompressed data of ``block`` (nbdkit's xzfile_read_block), read from the
+        plugin a megabyte at a time."""
+        if _read(next, 1, block.file_offset) == b"\0":
             raise PluginError("pread", "xz: read: unexpected invalid block in file, "
                               "header[0] = 0", bare=True)
         decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        parts = []
         try:
-            out = decoder.decompress(block.stream_header + data)
+            parts.append(decoder.decompress(block.stream_header))
+            offset, end = block.file_offset, block.file_offset + _pad4(block.unpadded)
+            while offset < end:
+                n = min(READ_SIZE, end - offset)
+                parts.append(decoder.decompress(_read(next, n, offset)))
+                offset += n
         except lzma.LZMAError:
-            out = b""
+            parts = []
+        out = b"".join(parts)
         if len(out) != block.size:
             raise PluginError("pread", f"could not parse block data (error {LZMA_DATA_ERROR})",
                               bare=True)
