@@ -19,12 +19,15 @@ BUILTIN = {
     "cacheextents": "cacheextents",
     "checkwrite": "checkwrite",
     "cow": "cow",
+    "ddrescue": "ddrescue",
     "delay": "delay",
     "error": "error",
     "exitlast": "exitlast",
     "exitwhen": "exitwhen",
     "exportname": "exportname",
+    "extentlist": "extentlist",
     "fua": "fua",
+    "gzip": "gzip",
     "log": "log",
     "nocache": "nocache",
     "noextents": "noextents",
@@ -37,7 +40,9 @@ BUILTIN = {
     "readonly": "readonly",
     "stats": "stats",
     "swab": "swab",
+    "tar": "tar",
     "truncate": "truncate",
+    "xz": "xz",
 }
 
 

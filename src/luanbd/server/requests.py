@@ -98,6 +98,9 @@ class RequestHandler:
                 if req.data is not None:
                     ctx.pwrite(req.data, req.offset, False)
                     return simple_reply(req.cookie)
+            except (FastZeroRefused, LoggedError) as err:  # as in _run: logged already
+                log.debug(str(err))
+                return self._error_reply(req, self._failed(req, err.errno))
             except PluginError as err:
                 log.error(str(err))
                 return self._error_reply(req, self._failed(req, err.errno))
