@@ -7,7 +7,7 @@ import getpass
 import os
 import re
 
-_SIZE = re.compile(r"\s*\+?(\d+)([bBkKmMgGtTpPeEsS]?)\Z")
+_SIZE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(\d+)(.*)\Z", re.DOTALL)
 _SCALE = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
           "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -17,13 +17,21 @@ MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(text: str) -> int:
-    """``"100M"`` -> 104857600 (powers of 1024; ``s`` = 512-byte sectors)."""
+    """``"100M"`` -> 104857600 (powers of 1024; ``s`` = 512-byte sectors), with nbdkit
+    1.32's messages (strtoimax, then one suffix letter)."""
     m = _SIZE.match(text)
     if not m:
         raise ValueError(f"could not parse size string ({text})")
-    value = int(m.group(1)) * _SCALE[m.group(2).lower()]
-    if value > MAX_SIZE:
+    sign, digits, suffix = m.groups()
+    if sign == "-" and int(digits):
+        raise ValueError(f"size cannot be negative ({text})")
+    if int(digits) > MAX_SIZE:
         raise ValueError(f"size ({text}) exceeds maximum value")
+    if len(suffix) > 1 or (suffix and suffix.lower() not in _SCALE):
+        raise ValueError(f"could not parse size: unknown suffix '{suffix}'")
+    value = int(digits) * _SCALE[suffix.lower()]
+    if value > MAX_SIZE:
+        raise ValueError(f"overflow computing size ({text})")
     return value
 
 
