@@ -99,7 +99,8 @@ class RequestHandler:
                     ctx.pwrite(req.data, req.offset, False)
                     return simple_reply(req.cookie)
             except PluginError as err:
-                log.error(str(err))
+                # As in _run: a LoggedError was logged by its filter already.
+                (log.debug if isinstance(err, LoggedError) else log.error)(str(err))
                 return self._error_reply(req, self._failed(req, err.errno))
         result, code = self._run(req)
         if code:
