@@ -76,11 +76,11 @@ class Proc:
 
     def __init__(self, server: Server, options: Sequence[str], args: Sequence[str], *,
                  tmp: Path, env: dict[str, str] | None = None, sock: Path | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, logdir: Path | None = None) -> None:
         self.tmp, self.sock, self.port = tmp, sock, port
         listen = ["-U", str(sock)] if sock is not None else ["-p", str(port)]
         argv = [*server.argv, "-f", *listen, *options, "lua", RAMDISK, *args]
-        self.err_path = tmp / f"{server.name}.err"
+        self.err_path = (logdir or tmp) / f"{server.name}.err"
         #: The whole log once the server has stopped (its directory may be gone).
         self.final: str | None = None
         environ = dict(os.environ, LC_ALL="C", TMPDIR=str(tmp), **(env or {}))
@@ -131,7 +131,7 @@ def serving(server: Server, options: Sequence[str], args: Sequence[str] = (), *,
             env: dict[str, str] | None = None) -> Iterator[Proc]:
     with tempfile.TemporaryDirectory(prefix="luanbd-misc-") as d:
         work = Path(d)
-        proc = Proc(server, options, args, tmp=tmp or work, env=env,
+        proc = Proc(server, options, args, tmp=tmp or work, env=env, logdir=work,
                     sock=None if tcp else work / "nbd.sock",
                     port=free_tcp_port() if tcp else None)
         try:
@@ -540,3 +540,95 @@ def test_without_openonce_each_connection_opens() -> None:
             h.shutdown()
         time.sleep(0.2)
     assert _opens(p).count("trace: close") == 2
+
+
+# --- cow and cache on a full file system ----------------------------------------------------
+
+@pytest.fixture
+def full_tmpdir() -> Iterator[Path]:
+    """A 2 MiB tmpfs for the overlay ($TMPDIR of the server)."""
+    with tempfile.TemporaryDirectory(prefix="luanbd-tmpfs-") as d:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", d],
+                           capture_output=True, text=True, timeout=20, check=False)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+        try:
+            yield Path(d)
+        finally:
+            subprocess.run(["umount", "-l", d], capture_output=True, timeout=20, check=False)
+
+
+CHUNK = 256 * KiB
+
+
+def _fill(p: Proc, readback: bool) -> dict[str, object]:
+    """Write more than the file system holds, then check what was acknowledged."""
+    seen: dict[str, object] = {}
+    h = _connect(p)
+    acked = []
+    for i in range(12):
+        try:
+            h.pwrite(pattern(i, CHUNK), i * CHUNK)
+            acked.append(i)
+            seen[f"write {i}"] = "ok"
+        except nbd.Error as e:
+            seen[f"write {i}"] = errno_name(e)
+    try:
+        h.pwrite(pattern(99, 100 * KiB), 3 * MiB + 1000)   # unaligned: read-modify-write
+        seen["unaligned"] = "ok"
+    except nbd.Error as e:
+        seen["unaligned"] = errno_name(e)
+    if readback:
+        for i in range(12):
+            try:
+                data = h.pread(CHUNK, i * CHUNK)
+            except nbd.Error as e:  # cow-on-read, cache-on-read: no room to keep it
+                seen[f"read {i}"] = errno_name(e)
+                continue
+            seen[f"read {i}"] = ("intact" if data == pattern(i, CHUNK) else
+                                 "zeroes" if not data.strip(b"\0") else "other")
+        assert all(seen[f"read {i}"] == "intact" for i in acked), seen
+    # An overwrite of blocks the overlay holds needs no new space.
+    if acked:
+        try:
+            h.pwrite(pattern(50, 4096), 0)
+            seen["overwrite"] = h.pread(4096, 0) == pattern(50, 4096)
+        except nbd.Error as e:
+            seen["overwrite"] = errno_name(e)
+    try:
+        h.flush()
+        seen["flush"] = "ok"
+    except nbd.Error as e:
+        seen["flush"] = errno_name(e)
+    h2 = _connect(p)                                     # another client is served
+    try:
+        seen["other client"] = h2.pread(CHUNK, CHUNK) == pattern(1, CHUNK)
+    except nbd.Error as e:
+        seen["other client"] = errno_name(e)
+    h2.shutdown()
+    h.shutdown()
+    return seen
+
+
+FULL_CASES = [("cow",), ("cache",), ("cache", "cache=writethrough"),
+              ("cache", "cache-on-read=true"), ("cow", "cow-on-read=true")]
+
+
+@pytest.mark.parametrize("case", FULL_CASES, ids=[" ".join(c) for c in FULL_CASES])
+def test_overlay_on_full_file_system_as_nbdkit(full_tmpdir: Path,
+                                               case: tuple[str, ...]) -> None:
+    seen = []
+    for server in (NBDKIT, LUANBD):
+        for old in full_tmpdir.iterdir():
+            old.unlink()
+        with serving(server, [f"--filter={case[0]}"], [f"size={4 * MiB}", *case[1:]],
+                     tmp=full_tmpdir) as p:
+            outcome = _fill(p, readback=True)
+            time.sleep(0.1)
+            seen.append((outcome, [x for x in p.lines() if x]))
+    assert seen[0] == seen[1]
+    outcome, lines = seen[1]
+    failed = [k for k, v in outcome.items() if v == "ENOSPC"]
+    assert "write 0" not in failed and "write 11" in failed, outcome
+    assert lines == ["pwrite: No space left on device"] * len(lines) and lines, lines
+    assert outcome["other client"] is True
