@@ -5,13 +5,11 @@ overlay on a full file system, against nbdkit."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -90,7 +88,7 @@ class Proc:
                                          env=environ, start_new_session=True)
         deadline = time.monotonic() + 15
         while self.proc.poll() is None and time.monotonic() < deadline:
-            if sock is not None and sock.exists() or port is not None and _tcp_listening(port):
+            if (sock is not None and sock.exists()) or (port is not None and _tcp_listening(port)):
                 break
             time.sleep(0.02)
         time.sleep(0.1)
@@ -210,6 +208,7 @@ BAD_RULES = [
     "allow=::1/128x", "allow=1.2.3.4/8/9", "allow=127.0.0.1,10.0.0.0/8",
     "allow=vsock-cid:-1", "allow=vsock-port:4294967296", "allow=gid:99999999999999999999",
     "allow=pid:1x", "allow=uid:0,anyunix", "allow=security:foo", "allow=dn:CN=x",
+    "allow=uid:-1x", "allow=uid:-x", "allow=uid:-99999999999999999999", "deny=pid:-0",
 ]
 
 
@@ -496,6 +495,30 @@ def test_evil_probability_limits() -> None:
     with serving(LUANBD, ["--filter=evil"], ["evil-seed=1"]) as p:   # 1e-8: rare
         h = _evil(p, DATA)
         assert _bits(h.pread(len(DATA), 0), DATA) < 5
+        h.shutdown()
+
+
+#: sha256 (first 16 hex digits) of reads of bytes ((i * 7 + 3) & 255) through the filter, as
+#: a C transcription of nbdkit 1.36's evil.c and random.h computes them.
+EVIL_KNOWN = [
+    (("evil-probability=0.001", "evil-seed=7"), 65536, 0, "feee5a68874e94fa"),
+    (("evil-probability=0.001", "evil-seed=7", "evil-stuck-probability=0.5"), 3000, 70000,
+     "c77d6e9840ff1b14"),
+    (("evil=stuck-wires", "evil-probability=0.01", "evil-seed=3"), 4096, 4096,
+     "70c7c29c43abe29d"),
+    (("evil=cosmic-rays", "evil-probability=0.001", "evil-seed=42"), 65536, 0,
+     "5048f79e428a1d07"),
+]
+
+
+@pytest.mark.parametrize(("args", "count", "offset", "sha"), EVIL_KNOWN,
+                         ids=[a[0][0] for a in EVIL_KNOWN])
+def test_evil_same_bits_as_nbdkit_algorithm(args: tuple[str, ...], count: int, offset: int,
+                                            sha: str) -> None:
+    with serving(LUANBD, ["--filter=evil"], list(args)) as p:
+        h = _connect(p)
+        h.pwrite(bytes((i * 7 + 3) & 255 for i in range(128 * KiB)), 0)
+        assert hashlib.sha256(h.pread(count, offset)).hexdigest()[:16] == sha
         h.shutdown()
 
 

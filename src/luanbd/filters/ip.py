@@ -49,9 +49,12 @@ class Rule:
 def parse_int64(what: str, value: str) -> int:
     """nbdkit_parse_int64_t, with nbdkit's messages."""
     text = value.lstrip(" \t\n\v\f\r")
-    if text.startswith("-"):
+    if not text.startswith("-"):
+        return parse_number(what, text.removeprefix("+"), (1 << 63) - 1)
+    try:
         return -parse_number(what, text[1:], 1 << 63)
-    return parse_number(what, text.removeprefix("+"), (1 << 63) - 1)
+    except StartupError as err:  # the message shows the number as given
+        raise StartupError(str(err).replace(f'"{text[1:]}"', f'"{value}"')) from None
 
 
 def _address(text: str) -> tuple[str, bytes] | None:
