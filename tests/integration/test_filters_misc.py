@@ -522,6 +522,25 @@ def test_evil_same_bits_as_nbdkit_algorithm(args: tuple[str, ...], count: int, o
         h.shutdown()
 
 
+def test_evil_leaves_sparse_parts_alone() -> None:
+    """Holes the layer below reports (here cow's trimmed blocks) are not corrupted."""
+    args = ["evil=cosmic-rays", "evil-probability=1/2"]   # > 1/8: every bit flips
+    with serving(LUANBD, ["--filter=evil", "--filter=cow"], args) as p:
+        h = _connect(p)
+        h.pwrite(DATA[:128 * KiB], 0)
+        h.trim(64 * KiB, 64 * KiB)
+        got = h.pread(192 * KiB, 0)
+        assert got[:64 * KiB] == bytes(x ^ 0xFF for x in DATA[:64 * KiB])
+        assert got[64 * KiB:128 * KiB] == bytes(64 * KiB)           # a hole: as it is
+        assert got[128 * KiB:] == b"\xff" * (64 * KiB)             # zeroes, but data
+        h.shutdown()
+    with serving(LUANBD, ["--filter=evil", "--filter=noextents", "--filter=cow"], args) as p:
+        h = _connect(p)
+        h.trim(64 * KiB, 0)
+        assert h.pread(64 * KiB, 0) == b"\xff" * (64 * KiB)         # noextents: corrupted
+        h.shutdown()
+
+
 def _opens(p: Proc) -> list[str]:
     return [x for x in p.lines() if x.startswith(("trace: open", "trace: close"))]
 

@@ -11,7 +11,8 @@ reads.  ``evil-probability=P`` (``0.001``, ``1e-6``, ``1:1000000``, ``1/10``, ``
 under 1e-12 corrupts nothing and one over 1/8 corrupts every bit, the corrupt bits are found
 with nbdkit's xoshiro256** generator (random.h) jumping by up to 2/P bits at a time, so the
 same seed corrupts the same bits as nbdkit 1.36+ does, and cosmic-rays serializes requests
-(one global generator).
+(one global generator).  As the manual page says, sparse parts of the plugin (extents
+it reports as holes) are left as they are: combine with noextents to corrupt those too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 
 from luanbd import log
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.interface import Handle, StartupError, ThreadModel
+from luanbd.backend.interface import EXTENT_HOLE, Handle, PluginError, StartupError, ThreadModel
 from luanbd.filters.params import parse_number
 
 EPSILON = 1e-12
@@ -180,9 +181,33 @@ class Filter(Backend):
                 i = start + offs - offset_in_block
                 buf[i] = self._one_bit(buf[i], intvl & 7, rand, stuck)
 
+    @staticmethod
+    def _holes(next: Context, count: int, offset: int) -> list[tuple[int, int]]:
+        """The sparse parts of the request, as (start, end) in the buffer."""
+        if not next.can_extents():
+            return []
+        try:
+            got = next.extents(count, offset, 0)
+        except PluginError:
+            return []  # corrupt it all rather than fail the read
+        end = offset + count
+        return [(max(start, offset) - offset, min(start + length, end) - offset)
+                for start, length, kind in got
+                if kind & EXTENT_HOLE and start < end and start + length > offset]
+
     def pread(self, next: Context, h: Handle, count: int, offset: int,
               flags: int) -> bytes | memoryview:
-        buf = bytearray(next.pread(count, offset, flags))
+        data = next.pread(count, offset, flags)
+        if self.probability < EPSILON:
+            return data
+        holes = self._holes(next, count, offset)
+        buf = bytearray(data)
+        self._corrupt_read(buf, count, offset)
+        for start, stop in holes:
+            buf[start:stop] = data[start:stop]
+        return memoryview(buf)
+
+    def _corrupt_read(self, buf: bytearray, count: int, offset: int) -> None:
         if self.mode == "cosmic-rays":
             self._corrupt(buf, 0, count, 0, rs=self.state, stuck=False)
         elif self.mode == "stuck-wires":
@@ -198,4 +223,3 @@ class Filter(Backend):
                 bstart += bs
                 offset += n
                 pos += n
-        return memoryview(buf)
