@@ -6,6 +6,7 @@ code read the one of the calling thread.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ class ConnectionInfo:
     export_name: bytes | None = None
     is_tls: bool = False
     peer_name: str = ""
+    #: The client's socket (nbdkit_peer_name, nbdkit_peer_uid...: the ip filter); None
+    #: when there is none.
+    peer_socket: socket.socket | None = None
     #: Ask the connection to close: False = after in-flight requests, True = at once.
     disconnect: Callable[[bool], None] = field(default=lambda force: None)
 

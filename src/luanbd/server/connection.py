@@ -75,7 +75,8 @@ class Connection:
             self.stop.set()
         #: After STARTTLS: self.sock is an SSLSocket (no sendmsg).
         self.tls = False
-        self.info = current.ConnectionInfo(peer_name=peer, disconnect=self.disconnect)
+        self.info = current.ConnectionInfo(peer_name=peer, peer_socket=sock,
+                                            disconnect=self.disconnect)
 
     # --- lifecycle ----------------------------------------------------------------------
     def run(self) -> None:

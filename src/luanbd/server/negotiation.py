@@ -178,6 +178,7 @@ class Negotiation:
             raise ProtocolViolation(f"TLS handshake failed: {err.reason or err}") from None
         conn.tls = True
         conn.info.is_tls = True
+        conn.info.peer_socket = conn.sock
         assert isinstance(conn.sock, ssl.SSLSocket)
         log.debug(f"conn {conn.number}: TLS established ({conn.sock.version()})")
 
