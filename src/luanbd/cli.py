@@ -13,7 +13,7 @@ import os
 import pwd
 import re
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from luanbd import __version__, log
 from luanbd.backend.helpers import parse_delay, parse_size
@@ -28,9 +28,6 @@ from luanbd.config import (
 from luanbd.log import LogTo
 from luanbd.protocol.constants import HandshakeFlag
 from luanbd.protocol.handshake import TlsMode
-
-if TYPE_CHECKING:
-    from luanbd.backend.chain import Backend
 
 #: nbdkit's is_config_key: a letter, then letters, digits, '.', '-' or '_'.
 _CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
@@ -429,48 +426,9 @@ def _connection_limit(limit: str | None, filters: list[str],
     return int(value)
 
 
-def _lua_filter_path(name: str) -> str | None:
-    """A Lua filter's script: ``./f.lua`` (a path, or a name ending in .lua), or ``NAME``
-    that is not built in with ``NAME.lua`` in the plugin directory."""
-    from luanbd.config import plugin_dir
-    from luanbd.filters import BUILTIN
-    from luanbd.lua.filter import is_lua_filter
-
-    if is_lua_filter(name):
-        return name
-    installed = os.path.join(plugin_dir(), f"{name}.lua")
-    if name not in BUILTIN and os.path.isfile(installed):
-        return installed
-    return None
-
-
-def _make_filter(name: str, config: ServerConfig) -> Backend:
-    from luanbd import filters
-    from luanbd.lua.filter import LuaFilter
-
-    path = _lua_filter_path(name)
-    if path is None:
-        return filters.create(name)
-    return LuaFilter(path, lua=config.lua, memory_limit=config.lua_memory_limit,
-                     gc=config.lua_gc, compiled_lualib=config.lualib,
-                     request_timeout=config.request_timeout)
-
-
-def _filters_help(names: list[str]) -> str:
-    """--help: the built-in filters, then the parameters of each filter named."""
-    from luanbd import filters
-    from luanbd.lua.filter import help_text
-
-    text = filters.help_text([n for n in names if _lua_filter_path(n) is None])
-    for name in names:
-        path = _lua_filter_path(name)
-        if path is not None:
-            text += f"\n\nfilter: {name}\n{help_text(path)}"
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``luanbd`` command."""
+    from luanbd import filter_loader
     from luanbd.lua import startup
     from luanbd.server import lifecycle
 
@@ -497,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if cmd.help:
         try:
-            text = _filters_help(cmd.filters)
+            text = filter_loader.help_text(cmd.filters)
         except (StartupError, UsageError) as err:
             log.error(str(err))
             return 1
@@ -505,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                                   SCRIPT_HELP)
     assert cmd.config is not None
     try:
-        layers = [_make_filter(name, cmd.config) for name in cmd.config.filters]
+        layers = [filter_loader.make(name, cmd.config) for name in cmd.config.filters]
     except StartupError as err:
         log.error(str(err))
         return 1
