@@ -448,6 +448,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="measure src/ of this commit (a git archive snapshot run with the "
                         "venv's Python) instead of the working tree; repeated, one row per "
                         "commit (luanbd-SHA7), all in the same run")
+    p.add_argument("--filters", metavar="LIST", action="append", default=[],
+                   help="one more pair of rows per stack: luanbd+STACK beside "
+                        "nbdkit-lua+STACK, both with --filter=F for each F of the "
+                        "'+'-separated STACK (e.g. cow, cache, nofilter+nofilter+nofilter; "
+                        "repeatable)")
     p.add_argument("--out", metavar="DIR",
                    help="result folder (default bench/results/YYYY-MM-DD, -2, -3... if taken)")
     p.add_argument("--run-bench", metavar="PATH",
@@ -494,6 +499,12 @@ def main(argv: list[str]) -> int:
                 servers.append(f"{name}-luajit={base} --lua=luajit -f -U {{sock}} {{plugin}} "
                                f"size={{size}}")
         code = "\n".join(codes)
+        for stack in args.filters:
+            opts = " ".join(f"--filter={f}" for f in stack.split("+"))
+            servers.append(f"luanbd+{stack}={base} {opts} -f -U {{sock}} {{plugin}} "
+                           f"size={{size}}")
+            servers.append(f"nbdkit-lua+{stack}=nbdkit {opts} -f -U {{sock}} lua {{plugin}} "
+                           f"size={{size}}")
         servers += args.server
         anchors = "all" if args.all_anchors else (args.anchors or DEFAULT_ANCHORS)
 
