@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import errno
-import os
 import re
 import time
 from collections.abc import Callable
@@ -14,6 +12,7 @@ from collections.abc import Callable
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import FLAG_FAST_ZERO, FastZeroRefused, Handle, StartupError
+from luanbd.filters.params import parse_number
 
 _UINT_MAX = (1 << 32) - 1
 _ULONG_MAX = (1 << 64) - 1
@@ -27,25 +26,7 @@ _KEYS = {"rdelay": "read", "delay-read": "read", "delay-reads": "read",
          "delay-extent": "extents", "delay-extents": "extents",
          "delay-cache": "cache", "delay-open": "open", "delay-close": "close"}
 
-_STRTOUL = re.compile(r"[ \t\n\v\f\r]*[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 _SCANF_U = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
-
-
-def parse_unsigned(what: str, text: str) -> int:
-    """nbdkit_parse_unsigned (C's strtoul, base 0), with its messages."""
-    if "-" in text:
-        raise StartupError(f"{what}: negative numbers are not allowed")
-    m = _STRTOUL.match(text)
-    if m is None:
-        raise StartupError(f"{what}: empty string where we expected a number")
-    value = int(m.group(1), 0) if not re.fullmatch(r"0[0-7]+", m.group(1)) \
-        else int(m.group(1), 8)
-    if value > _UINT_MAX:
-        raise StartupError(f'{what}: could not parse number: "{text}": '
-                           f"{os.strerror(errno.ERANGE)}")
-    if m.end() != len(text):
-        raise StartupError(f'{what}: could not parse number: "{text}": trailing garbage')
-    return value
 
 
 def parse_delay_ms(key: str, value: str) -> int:
@@ -58,7 +39,7 @@ def parse_delay_ms(key: str, value: str) -> int:
             raise StartupError(f"cannot parse {key} in milliseconds parameter: {value}")
         n = min(int(m.group(2)), _ULONG_MAX)
         return (-n if m.group(1) == "-" else n) & _UINT_MAX
-    seconds = parse_unsigned(key, value)
+    seconds = parse_number(key, value)
     if seconds * 1000 > _UINT_MAX:
         raise StartupError(f"seconds parameter {key} is too large: {value}")
     return seconds * 1000

@@ -30,11 +30,12 @@ def parse_number(what: str, value: str, maximum: int = UINT_MAX) -> int:
     m = _NUMBER.match(text)
     if m is None:
         raise StartupError(f"{what}: empty string where we expected a number")
-    if m.end() != len(text):
-        raise StartupError(f'{what}: could not parse number: "{value}": trailing garbage')
     digits = m.group(1)
     n = int(digits, 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10)
+    # nbdkit's order: strtoul's ERANGE, then what follows the number.
     if n > maximum:
         raise StartupError(f'{what}: could not parse number: "{value}": '
                            "Numerical result out of range")
+    if m.end() != len(text):
+        raise StartupError(f'{what}: could not parse number: "{value}": trailing garbage')
     return n
