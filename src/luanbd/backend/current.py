@@ -27,6 +27,21 @@ class ConnectionInfo:
 _local = threading.local()
 
 _shutdown: Callable[[], None] | None = None
+#: Set while the server stops: sleeps in plugins and filters end early (nbdkit_nanosleep).
+_stopping = threading.Event()
+
+
+def set_stopping(stopping: bool) -> None:
+    """The server starts (False) or begins to stop (True)."""
+    if stopping:
+        _stopping.set()
+    else:
+        _stopping.clear()
+
+
+def nanosleep(seconds: float) -> bool:
+    """nbdkit_nanosleep: sleep ``seconds``; False if the server began to stop meanwhile."""
+    return not _stopping.wait(seconds)
 
 
 def set_shutdown_handler(handler: Callable[[], None] | None) -> None:

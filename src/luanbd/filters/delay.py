@@ -5,13 +5,21 @@
 
 from __future__ import annotations
 
+import errno
 import re
-import time
 from collections.abc import Callable
 
+from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_bool
-from luanbd.backend.interface import FLAG_FAST_ZERO, FastZeroRefused, Handle, StartupError
+from luanbd.backend.interface import (
+    FLAG_FAST_ZERO,
+    FastZeroRefused,
+    Handle,
+    PluginError,
+    StartupError,
+)
 from luanbd.filters.params import parse_number
 
 _UINT_MAX = (1 << 32) - 1
@@ -45,9 +53,11 @@ def parse_delay_ms(key: str, value: str) -> int:
     return seconds * 1000
 
 
-def _sleep(ms: int) -> None:
-    if ms > 0:
-        time.sleep(ms / 1000)
+def _sleep(ms: int, call: str) -> None:
+    """nbdkit_nanosleep: a server that begins to stop ends the sleep, and the request fails
+    (ESHUTDOWN) with nbdkit's line."""
+    if ms > 0 and not current.nanosleep(ms / 1000):
+        raise PluginError(call, "aborting sleep because of server shut down", errno.ESHUTDOWN, bare=True)
 
 
 class Filter(Backend):
@@ -91,38 +101,41 @@ class Filter(Backend):
         return next.can_fast_zero()
 
     def open(self, next: Context, readonly: bool) -> Handle:
-        _sleep(self.ms["open"])
+        _sleep(self.ms["open"], "open")
         next.open(readonly)
         return None
 
     def close(self, next: Context, h: Handle) -> None:
-        _sleep(self.ms["close"])
+        try:
+            _sleep(self.ms["close"], "close")
+        except PluginError as err:
+            log.error(str(err))
         next.close()
 
     def pread(self, next: Context, h: Handle, count: int, offset: int,
               flags: int) -> bytes | memoryview:
-        _sleep(self.ms["read"])
+        _sleep(self.ms["read"], "pread")
         return next.pread(count, offset, flags)
 
     def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
-        _sleep(self.ms["write"])
+        _sleep(self.ms["write"], "pwrite")
         next.pwrite(buf, offset, flags)
 
     def zero(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
         if flags & FLAG_FAST_ZERO and self.ms["zero"] and not self.fast_zero:
             raise FastZeroRefused
-        _sleep(self.ms["zero"])
+        _sleep(self.ms["zero"], "zero")
         next.zero(count, offset, flags)
 
     def trim(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
-        _sleep(self.ms["trim"])
+        _sleep(self.ms["trim"], "trim")
         next.trim(count, offset, flags)
 
     def extents(self, next: Context, h: Handle, count: int, offset: int,
                 flags: int) -> list[tuple[int, int, int]]:
-        _sleep(self.ms["extents"])
+        _sleep(self.ms["extents"], "extents")
         return next.extents(count, offset, flags)
 
     def cache(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
-        _sleep(self.ms["cache"])
+        _sleep(self.ms["cache"], "cache")
         next.cache(count, offset, flags)

@@ -81,12 +81,14 @@ class Server:
 
     def start(self) -> None:
         """Accept connections (in background threads); nbdkit_shutdown stops this server."""
+        current.set_stopping(False)
         current.set_shutdown_handler(self.service.request_shutdown)
         if self.listener is not None:
             self.listener.start(self.service.handle)
 
     def serve_socket(self, sock: socket.socket) -> None:
         """Serve one already connected socket in the calling thread (-s)."""
+        current.set_stopping(False)
         current.set_shutdown_handler(self.service.request_shutdown)
         self.service.serve_here(sock)
 
@@ -104,6 +106,7 @@ class Server:
         if self._stopped:
             return True
         self._stopped = True
+        current.set_stopping(True)
         if self.listener is not None:
             self.listener.close()
         finished = self.service.shutdown_connections(timeout)
