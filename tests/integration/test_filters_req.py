@@ -1,0 +1,243 @@
+"""The retry, retry-request, rate, multi-conn, pause, readahead and scan filters against
+nbdkit's: the same client under both servers (the slow ones side by side), with the calls
+that reach the plugin traced and compared.  flaky.lua fails for a while and recovers, so the
+retries are seen to work; timings are only checked from below, loosely.  What nbdkit lua
+1.32 cannot show (a plugin that caches natively under the parallel thread model) is shown
+under luanbd alone with cachelog.lua."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
+
+from differential import (  # noqa: E402
+    LUANBD,
+    NBDKIT,
+    Observation,
+    Session,
+    diff_observations,
+    nbdkit_available,
+    observe,
+)
+from test_filters import exercise  # noqa: E402
+
+pytestmark = pytest.mark.skipif(nbdkit_available() is not None,
+                                reason=str(nbdkit_available()))
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def both(filters: tuple[str, ...], args: tuple[str, ...], client: Callable[[Session], None],
+         *, script: str = "flaky.lua") -> tuple[Observation, Observation]:
+    """The same run under nbdkit and luanbd, at the same time (the retries and rate limits
+    wait, so side by side keeps the file quick)."""
+    options = tuple(f"--filter={f}" for f in filters)
+    out: dict[str, Observation] = {}
+
+    def run(server: object) -> None:
+        out[server.name] = observe(server, script, args, options=options,  # type: ignore
+                                   client=client)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (NBDKIT, LUANBD)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out["nbdkit"], out["luanbd"]
+
+
+def assert_same(filters: tuple[str, ...], args: tuple[str, ...],
+                client: Callable[[Session], None], **kw: str) -> Observation:
+    expected, got = both(filters, args, client, **kw)
+    assert not expected.timed_out, expected.stderr
+    assert expected == got, diff_observations(expected, got)
+    return got
+
+
+def stderr(s: Session) -> str:
+    return (s.tmp / "stderr.txt").read_text(errors="replace")
+
+
+def timed(s: Session, label: str, fn: Callable[[], object]) -> None:
+    """Run ``fn`` and keep its duration (not compared: it is checked from below)."""
+    start = time.monotonic()
+    fn()
+    s.obs.extra.setdefault("_times", {})[label] = time.monotonic() - start
+
+
+def seconds(obs: Observation, label: str) -> float:
+    t: float = obs.extra["_times"][label]
+    return t
+
+
+def drop_times(*obs: Observation) -> None:
+    for o in obs:
+        o.extra.pop("_times", None)
+
+
+def bad_parameter(filters: tuple[str, ...], args: tuple[str, ...],
+                  script: str = "ramdisk.lua") -> Observation:
+    got = assert_same(filters, args, lambda s: None, script=script)
+    assert got.exit_code == 1, got.stderr
+    assert got.startup_error and "\n" not in got.startup_error, got.startup_error
+    return got
+
+
+def _reads(s: Session) -> None:
+    h = s.connect_and_probe()
+    s.write(h, 1, 4 * KiB, 0)
+    s.read(h, 4 * KiB, 0)          # the first read of the plugin: good (SKIP=1)
+    s.read(h, 512, 8 * KiB)        # fails, and is retried
+    s.read(h, 4 * KiB, 0)
+    s.disconnect(h)
+
+
+# --- retry ---------------------------------------------------------------------------------
+
+def test_retry_reopens_and_recovers() -> None:
+    """Two failed reads: each time the plugin is closed and opened again, the third try
+    reads; what was written is still there (same Lua state)."""
+    got = assert_same(("retry",), ("fail=pread:1:2", "retry-delay=1",
+                                   "retry-exponential=no"), _reads)
+    data = got.ops[1][1]
+    assert data.startswith("data n=4096"), got.ops
+    assert [o for _, o in got.ops] == ["ok", data, "zeroes n=512", data], got.ops
+    assert got.log.count("trace: open readonly=false") == 3, got.log
+    assert got.log.count("trace: close") == 3, got.log
+
+
+def test_retry_recovers_when_the_trigger_file_appears() -> None:
+    """The plugin fails until a file exists: it is made while the filter waits, and the
+    retry after the wait succeeds."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        result: list[str] = []
+        t = threading.Thread(target=lambda: result.append(s.read(h, 4 * KiB, 0)))
+        t.start()
+        assert s.wait_log("trace: fail pread", timeout=10)
+        (s.tmp / "go").write_text("")
+        t.join(30)
+        s.read(h, 512, 64 * KiB)
+        s.disconnect(h)
+
+    got = assert_same(("retry",), ("fail=pread", "trigger=go", "retries=5", "retry-delay=1"),
+                      client)
+    assert got.ops[0] == ("read 4096@0", "zeroes n=4096"), got.ops
+    assert got.log.count("trace: fail pread #1") == 1, got.log
+    assert got.log.count("trace: open readonly=false") == 2, got.log
+
+
+def test_retry_gives_up_after_retries_with_backoff() -> None:
+    """retries=2 with exponential back-off from 1 s: 1 + 2 s of waiting, three tries, then
+    the plugin's error reaches the client."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        timed(s, "read", lambda: s.read(h, 512, 0))
+        s.disconnect(h)
+
+    expected, got = both(("retry",), ("fail=pread", "retries=2", "retry-delay=1"), client)
+    for obs in (expected, got):
+        assert seconds(obs, "read") >= 2.8, obs.extra
+    drop_times(expected, got)
+    assert expected == got, diff_observations(expected, got)
+    assert got.ops == [("read 512@0", "EIO")], got.ops
+    assert got.log.count("trace: open readonly=false") == 3, got.log
+
+
+def test_retry_reopen_failing_then_working() -> None:
+    """A reopen that fails is one more failed retry (ESHUTDOWN); the next one works."""
+    got = assert_same(("retry",), ("fail=pread:1:1,open:1:1", "retry-delay=1",
+                                   "retry-exponential=no"), _reads)
+    assert "trace: fail open #2" in got.log, got.log
+    assert got.ops[-1][1] == got.ops[1][1], got.ops
+
+
+def test_retry_readonly_after_a_failure() -> None:
+    """retry-readonly=yes: the plugin is opened read-only again, and writes fail (EROFS,
+    which NBD says as EPERM) from then on in that connection only."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.read(h, 4 * KiB, 0)
+        s.read(h, 4 * KiB, 4 * KiB)     # fails once: reopened read-only
+        s.op("trim", h.trim, 4 * KiB, 0)
+        s.op("zero", h.zero, 4 * KiB, 0)
+        s.read(h, 4 * KiB, 8 * KiB)
+        s.disconnect(h)
+        h2 = s.connect_and_probe()
+        s.op("trim 2", h2.trim, 4 * KiB, 0)
+        s.disconnect(h2)
+
+    got = assert_same(("retry",), ("fail=pread:1:1", "retry-delay=1", "retry-readonly=yes"),
+                      client)
+    assert [o for _, o in got.ops] == ["zeroes n=4096", "zeroes n=4096", "EPERM", "EPERM",
+                                       "zeroes n=4096", "ok"], got.ops
+    assert "trace: open readonly=true" in got.log, got.log
+
+
+BAD_RETRY = [("retry-delay=0",), ("retries=-1",), ("retries=five",), ("retry-delay=1x",),
+             ("retry-exponential=maybe",), ("retry-readonly=2",)]
+
+
+@pytest.mark.parametrize("args", BAD_RETRY, ids=[a[0] for a in BAD_RETRY])
+def test_retry_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("retry",), args)
+
+
+# --- retry-request -------------------------------------------------------------------------
+
+def test_retry_request_retries_without_reopening() -> None:
+    got = assert_same(("retry-request",), ("fail=pread:1:2", "retry-request-retries=3",
+                                           "retry-request-delay=1"), _reads)
+    assert got.ops[-1][1] == got.ops[1][1], got.ops
+    assert got.log.count("trace: open readonly=false") == 1, got.log
+    assert got.log.count("trace: fail pread #3") == 1, got.log
+
+
+def test_retry_request_gives_up() -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        timed(s, "write", lambda: s.write(h, 1, 512, 0))
+        s.read(h, 512, 0)
+        s.disconnect(h)
+
+    expected, got = both(("retry-request",), ("fail=pwrite", "retry-request-retries=1",
+                                              "retry-request-delay=1"), client)
+    for obs in (expected, got):
+        assert seconds(obs, "write") >= 0.9, obs.extra
+    drop_times(expected, got)
+    assert expected == got, diff_observations(expected, got)
+    assert got.ops == [("write#1 512@0", "EIO"), ("read 512@0", "zeroes n=512")], got.ops
+    assert got.log.count("trace: fail pwrite #2") == 1, got.log
+
+
+@pytest.mark.parametrize("retry_open", ["true", "false"])
+def test_retry_request_open(retry_open: str) -> None:
+    """The plugin's open fails once: retried by default, not with retry-request-open=false
+    (then the client cannot connect)."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.read(h, 512, 0)
+        s.disconnect(h)
+
+    got = assert_same(("retry-request",), ("fail=open:0:1", "retry-request-delay=1",
+                                           f"retry-request-open={retry_open}"), client)
+    if retry_open == "true":
+        assert got.ops == [("read 512@0", "zeroes n=512")], got.ops
+    else:
+        assert got.connect_error is not None and not got.ops, got
+
+
+BAD_RETRY_REQUEST = [("retry-request-retries=1001",), ("retry-request-delay=0",),
+                     ("retry-request-open=maybe",), ("retry-request-retries=-2",)]
+
+
+@pytest.mark.parametrize("args", BAD_RETRY_REQUEST, ids=[a[0] for a in BAD_RETRY_REQUEST])
+def test_retry_request_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("retry-request",), args)
