@@ -241,3 +241,166 @@ BAD_RETRY_REQUEST = [("retry-request-retries=1001",), ("retry-request-delay=0",)
 @pytest.mark.parametrize("args", BAD_RETRY_REQUEST, ids=[a[0] for a in BAD_RETRY_REQUEST])
 def test_retry_request_bad_parameters(args: tuple[str, ...]) -> None:
     bad_parameter(("retry-request",), args)
+
+
+# --- rate ----------------------------------------------------------------------------------
+
+def _transfer(kind: str, total: int, chunk: int = 64 * KiB) -> Callable[[Session], None]:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+
+        def go() -> None:
+            for offset in range(0, total, chunk):
+                if kind == "read":
+                    s.read(h, chunk, offset)
+                else:
+                    s.write(h, 3, chunk, offset)
+        timed(s, kind, go)
+        s.disconnect(h)
+    return client
+
+
+@pytest.mark.parametrize("kind,key", [("read", "rate"), ("write", "connection-rate")])
+def test_rate_limits_transfer(kind: str, key: str) -> None:
+    """2 Mbit/s (256 KiB/s) with a bucket of 0.5 s (128 KiB) that starts full: 512 KiB
+    take at least (512 - 128) / 256 = 1.5 s."""
+    expected, got = both(("rate",), (f"{key}=2M", "burstiness=0.5"),
+                         _transfer(kind, 512 * KiB), script="ramdisk.lua")
+    for obs in (expected, got):
+        assert 1.3 <= seconds(obs, kind) < 30, obs.extra
+    drop_times(expected, got)
+    assert expected == got, diff_observations(expected, got)
+
+
+def test_rate_file_is_read_before_each_request() -> None:
+    """No file: no limit.  Then the file says 2M: limited from the next request on (a bucket
+    of 0.25 s, empty, so 384 KiB take at least (384 - 64) / 256 = 1.25 s).  A line that is
+    not a size is an error in the log at each request, and the rate stays."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        timed(s, "free", lambda: [s.read(h, 64 * KiB, i * 64 * KiB) for i in range(4)])
+        (s.tmp / "rate.txt").write_text("2M\n")
+        timed(s, "limited", lambda: [s.read(h, 64 * KiB, i * 64 * KiB) for i in range(6)])
+        (s.tmp / "rate.txt").write_text("fast\n")
+        s.read(h, 512, 0)
+        s.read(h, 512, 0)
+        s.disconnect(h)
+
+    expected, got = both(("rate",), ("rate-file=rate.txt", "burstiness=0.25"), client,
+                         script="ramdisk.lua")
+    for obs in (expected, got):
+        assert seconds(obs, "limited") >= 1.05, obs.extra
+        assert seconds(obs, "free") < 30, obs.extra
+    drop_times(expected, got)
+    assert expected == got, diff_observations(expected, got)
+    assert got.log.count("could not parse size string (fast)") == 2, got.log
+
+
+BAD_RATE = [("rate=0",), ("rate=1M", "rate=2M"), ("connection-rate=0",), ("rate=lots",),
+            ("burstiness=abc",), ("connection-rate=1M", "connection-rate=1M")]
+
+
+@pytest.mark.parametrize("args", BAD_RATE, ids=["_".join(a) for a in BAD_RATE])
+def test_rate_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("rate",), args)
+
+
+# --- multi-conn ----------------------------------------------------------------------------
+
+MODES = ["auto", "emulate", "plugin", "disable", "unsafe"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_multi_conn_advertised(mode: str) -> None:
+    """What each mode advertises for a plugin with flush and without multi-conn."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.record("can_fua", h.can_fua())
+        s.disconnect(h)
+
+    got = assert_same(("multi-conn",), ("size=65536", f"multi-conn-mode={mode}"), client,
+                      script="ramdisk.lua")
+    assert got.caps["can_multi_conn"] is (mode in ("auto", "emulate", "unsafe")), got.caps
+
+
+def test_multi_conn_emulation_needs_flush() -> None:
+    """emulate (and auto, as the plugin has no multi-conn) needs the plugin's flush: the
+    connection fails."""
+    for mode in ("emulate", "auto", "plugin"):
+        got = assert_same(("multi-conn",), (f"multi-conn-mode={mode}",),
+                          lambda s: s.connect_and_probe(), script="minimal.lua")
+        assert (got.connect_error is None) is (mode == "plugin"), got
+
+
+def _flushes(s: Session) -> int:
+    return stderr(s).count("trace: flush #")
+
+
+def _three_connections(s: Session) -> None:
+    """A writes, B reads, C does nothing; then B flushes, then C; the number of flushes
+    that reached the plugin after each is recorded."""
+    a, b, c = (s.connect_and_probe() for _ in range(3))
+    s.write(a, 1, 4 * KiB, 0)
+    s.read(b, 4 * KiB, 0)
+    seen = [_flushes(s)]
+    s.op("flush B", b.flush)
+    seen.append(_flushes(s))
+    s.op("flush C", c.flush)
+    seen.append(_flushes(s))
+    s.write(a, 2, 512, 0, nbd.CMD_FLAG_FUA)
+    seen.append(_flushes(s))
+    s.op("flush A", a.flush)
+    seen.append(_flushes(s))
+    s.record("flushes", seen)
+    for h in (a, b, c):
+        s.disconnect(h)
+
+
+@pytest.mark.parametrize("mode", ["emulate", "plugin"])
+@pytest.mark.parametrize("track", ["conn", "fast", "off"])
+def test_multi_conn_flush_reaches_the_dirty_connections(mode: str, track: str) -> None:
+    """emulate: a flush on one connection flushes each connection of the group that may hold
+    dirty data (conn: the writer, and readers once something was written; fast: all once
+    something was written; off: all, always).  plugin: the flush is skipped while nothing
+    was written since the last one (except with track=off)."""
+    got = assert_same(("multi-conn",), ("size=65536", "trace=1", f"multi-conn-mode={mode}",
+                                        f"multi-conn-track-dirty={track}"),
+                      _three_connections, script="ramdisk.lua")
+    flushes = got.extra["flushes"]
+    if mode == "emulate":
+        assert flushes[:3] == {"conn": [0, 2, 2], "fast": [0, 3, 3],
+                               "off": [0, 3, 6]}[track], flushes
+    else:
+        assert flushes[:3] == {"conn": [0, 1, 2], "fast": [0, 1, 1],
+                               "off": [0, 1, 2]}[track], flushes
+
+
+def test_multi_conn_exportname_groups() -> None:
+    """multi-conn-exportname=true: only connections to the same export flush each other."""
+    def client(s: Session) -> None:
+        hs = []
+        for name in ("a", "a", "b"):
+            h = nbd.NBD()
+            h.set_export_name(name)
+            h.connect_unix(s.sock)
+            hs.append(h)
+        s.write(hs[0], 1, 512, 0)
+        s.write(hs[2], 2, 512, 0)
+        s.op("flush", hs[1].flush)
+        s.record("flushes", _flushes(s))
+        for h in hs:
+            h.shutdown()
+
+    got = assert_same(("multi-conn",), ("trace=1", "multi-conn-exportname=true",
+                                        "multi-conn-mode=emulate"), client,
+                      script="ramdisk.lua")
+    assert got.extra["flushes"] == 1, got.extra
+
+
+BAD_MULTI_CONN = [("multi-conn-mode=always",), ("multi-conn-track-dirty=slow",),
+                  ("multi-conn-exportname=perhaps",)]
+
+
+@pytest.mark.parametrize("args", BAD_MULTI_CONN, ids=[a[0] for a in BAD_MULTI_CONN])
+def test_multi_conn_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("multi-conn",), args)
