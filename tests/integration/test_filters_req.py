@@ -404,3 +404,190 @@ BAD_MULTI_CONN = [("multi-conn-mode=always",), ("multi-conn-track-dirty=slow",),
 @pytest.mark.parametrize("args", BAD_MULTI_CONN, ids=[a[0] for a in BAD_MULTI_CONN])
 def test_multi_conn_bad_parameters(args: tuple[str, ...]) -> None:
     bad_parameter(("multi-conn",), args)
+
+
+# --- pause ---------------------------------------------------------------------------------
+
+def _control(s: Session) -> socket.socket:
+    ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl.settimeout(15)
+    ctl.connect(str(s.tmp / "ctl.sock"))
+    return ctl
+
+
+def _command(ctl: socket.socket, c: bytes) -> str:
+    ctl.sendall(c)
+    return ctl.recv(1).decode()
+
+
+def test_pause_control_protocol() -> None:
+    """p pauses (P), a second p too; blanks get no answer, anything else X; requests wait
+    while paused, flush does not (nbdkit's filter leaves it out); r resumes (R) and the
+    waiting read completes."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.write(h, 1, 4 * KiB, 0)
+        ctl = _control(s)
+        ctl.sendall(b" \n\t")
+        replies = [_command(ctl, b"p"), _command(ctl, b"p")]
+        s.op("flush while paused", h.flush)
+        t = threading.Thread(target=lambda: s.read(h, 4 * KiB, 0))
+        t.start()
+        t.join(0.5)
+        s.record("read waits", t.is_alive())
+        replies += [_command(ctl, b"x"), _command(ctl, b"r")]
+        t.join(15)
+        s.record("read done", not t.is_alive())
+        replies.append(_command(ctl, b"r"))
+        ctl.close()
+        ctl = _control(s)  # one control connection after another
+        replies.append(_command(ctl, b"?"))
+        ctl.close()
+        s.record("replies", replies)
+        s.disconnect(h)
+
+    got = assert_same(("pause",), ("pause-control=ctl.sock",), client, script="ramdisk.lua")
+    assert got.extra["replies"] == ["P", "P", "X", "R", "R", "X"], got.extra
+    assert got.extra["read waits"] and got.extra["read done"], got.extra
+    assert got.ops[-1][1].startswith("data n=4096"), got.ops
+
+
+def test_pause_waits_for_requests_in_flight() -> None:
+    """P is only sent once the read that was already running (1 s in the delay filter)
+    has finished."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        t = threading.Thread(target=lambda: s.read(h, 512, 0))
+        t.start()
+        time.sleep(0.3)
+        ctl = _control(s)
+        timed(s, "pause", lambda: s.record("reply", _command(ctl, b"p")))
+        s.record("read done", not t.is_alive())
+        s.record("resume", _command(ctl, b"r"))
+        t.join(15)
+        ctl.close()
+        s.disconnect(h)
+
+    expected, got = both(("pause", "delay"), ("pause-control=ctl.sock", "rdelay=1"), client,
+                         script="ramdisk.lua")
+    for obs in (expected, got):
+        assert seconds(obs, "pause") >= 0.3, obs.extra
+    drop_times(expected, got)
+    assert expected == got, diff_observations(expected, got)
+    assert got.extra["read done"] and got.extra["reply"] == "P", got.extra
+
+
+BAD_PAUSE = [(), ("pause-control=" + "d/" * 60 + "ctl.sock",),
+             ("pause-control=/no/such/dir/ctl.sock",)]
+
+
+@pytest.mark.parametrize("args", BAD_PAUSE, ids=["unset", "too-long", "no-dir"])
+def test_pause_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("pause",), args)
+
+
+# --- readahead -----------------------------------------------------------------------------
+
+def test_readahead_same_data_and_warning() -> None:
+    """Under nbdkit lua (serialize_all_requests, no cache) the filter only warns, once per
+    connection; the data is the plugin's."""
+    got = assert_same(("readahead",), ("trace=1",), exercise, script="ramdisk.lua")
+    assert any("readahead: warning" in line for line in got.log), got.log
+
+
+def _expected(count: int, offset: int) -> bytes:
+    block = bytes(range(251))
+    start = offset % 251
+    return ((block * (count // 251 + 2))[start:start + count])
+
+
+def _cache_lines(s: Session, n: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [x for x in stderr(s).splitlines() if x.startswith("trace: cache")]
+        if len(lines) >= n or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+def test_readahead_prefetches_after_reads() -> None:
+    """luanbd only (a parallel script with a cache callback): each read asks for the next
+    window in the background; sequential reads keep the window at 32 KiB, a jump past the
+    last prefetch doubles it, and going backwards starts over."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        for count, offset in [(64 * KiB, 0), (64 * KiB, 64 * KiB), (64 * KiB, 128 * KiB),
+                              (64 * KiB, MiB - 64 * KiB), (64 * KiB, 0)]:
+            assert h.pread(count, offset) == _expected(count, offset)
+        s.record("cache", _cache_lines(s, 4))
+        s.disconnect(h)
+
+    got = observe(LUANBD, "cachelog.lua", (), options=("--filter=readahead",), client=client)
+    assert not got.errors(), got.log
+    assert got.extra["cache"] == ["trace: cache count=32768 offset=65536",
+                                  "trace: cache count=32768 offset=131072",
+                                  "trace: cache count=32768 offset=196608",
+                                  "trace: cache count=65536 offset=65536"], got.extra
+
+
+# --- scan ----------------------------------------------------------------------------------
+
+def test_scan_same_data_and_warning() -> None:
+    got = assert_same(("scan",), ("trace=1", "scan-size=64K"), exercise, script="ramdisk.lua")
+    assert any("scan: warning: underlying plugin does not support the PARALLEL" in line
+               for line in got.log), got.log
+
+
+def test_scan_not_the_default_export() -> None:
+    def client(s: Session) -> None:
+        h = nbd.NBD()
+        h.set_export_name("other")
+        h.connect_unix(s.sock)
+        s.read(h, 512, 0)
+        h.shutdown()
+
+    got = assert_same(("scan",), (), client, script="ramdisk.lua")
+    assert "scan: warning: not the default export, not scanning" in got.log, got.log
+
+
+@pytest.mark.parametrize("clock", ["true", "false"])
+def test_scan_prefetches_the_disk(clock: str) -> None:
+    """luanbd only: the whole disk in scan-size blocks, in order; a second connection goes
+    on from where the scans got to (scan-clock=true), or from the start."""
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.record("first", _cache_lines(s, 8))
+        h2 = s.connect_and_probe()
+        assert h2.pread(4 * KiB, 5 * MiB) == _expected(4 * KiB, 5 * MiB)
+        want = 9 if clock == "true" else 16
+        s.record("second", _cache_lines(s, want)[8:])
+        s.disconnect(h2)
+        s.disconnect(h)
+
+    got = observe(LUANBD, "cachelog.lua", (f"size={8 * MiB}", "scan-size=1M", "scan-ahead=false",
+                                           f"scan-clock={clock}"),
+                  options=("--filter=scan",), client=client)
+    assert not got.errors(), got.log
+    blocks = [f"trace: cache count=1048576 offset={i * MiB}" for i in range(8)]
+    assert got.extra["first"] == blocks, got.extra
+    assert got.extra["second"] == (blocks[7:] if clock == "true" else blocks), got.extra
+
+
+def test_scan_forever() -> None:
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.record("more than once", len(_cache_lines(s, 20)) >= 20)
+        s.disconnect(h)
+
+    got = observe(LUANBD, "cachelog.lua", (f"size={4 * MiB}", "scan-size=1M", "scan-forever=true"),
+                  options=("--filter=scan",), client=client)
+    assert got.extra["more than once"], got.log
+
+
+BAD_SCAN = [("scan-size=1000",), ("scan-size=64M",), ("scan-size=256",), ("scan-size=big",),
+            ("scan-ahead=perhaps",), ("scan-forever=2",)]
+
+
+@pytest.mark.parametrize("args", BAD_SCAN, ids=[a[0] for a in BAD_SCAN])
+def test_scan_bad_parameters(args: tuple[str, ...]) -> None:
+    bad_parameter(("scan",), args)
