@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -604,3 +605,57 @@ def test_retry_fua_write_is_retried_whole() -> None:
 
     got = assert_same(("retry",), ("fail=flush:0:1", "retry-delay=1"), client)
     assert got.log.count("trace: pwrite count=4096 offset=0 readonly=false") == 2, got.log
+
+
+@pytest.mark.parametrize("multi", ["true", "false"])
+def test_multi_conn_plugin_that_is_consistent(multi: str) -> None:
+    """luanbd only (nbdkit lua 1.32 cannot say can_multi_conn): auto follows the plugin.
+    A writes, B reads, B flushes, C flushes.  Multi-conn plugin: B's flush is the plugin's
+    one flush and cleans every connection, so C's is skipped.  Other plugin: emulated, B's
+    flush reaches A (written) and B (read after a write), and then C's finds all clean."""
+    def client(s: Session) -> None:
+        a, b, c = (s.connect_and_probe() for _ in range(3))
+        s.write(a, 1, 4 * KiB, 0)
+        s.read(b, 4 * KiB, 0)
+        s.op("flush B", b.flush)
+        seen = [stderr(s).count("trace: flush")]
+        s.op("flush C", c.flush)
+        seen.append(stderr(s).count("trace: flush"))
+        s.record("flushes", seen)
+        for h in (a, b, c):
+            s.disconnect(h)
+
+    got = observe(LUANBD, "multiconn.lua", (f"multi={multi}",), options=("--filter=multi-conn",),
+                  client=client)
+    assert not got.errors(), got.log
+    assert got.caps["can_multi_conn"], got.caps
+    assert got.extra["flushes"] == ([1, 1] if multi == "true" else [2, 2]), got.extra
+
+
+@pytest.mark.parametrize("stack", [("readahead",), ("readahead", "cache")],
+                         ids=["alone", "with-cache"])
+def test_readahead_parallel_plugin_without_cache(stack: tuple[str, ...],
+                                                 tmp_path: Path) -> None:
+    """luanbd only: a parallel script without cache gets both warnings (the second one
+    suggests the cache filter); with --filter=cache after it, none, and the data is the
+    file's."""
+    disk = tmp_path / "disk.img"
+    content = _expected(256 * KiB, 0)
+    disk.write_bytes(content)
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe()
+        s.record("same data", all(h.pread(16 * KiB, o) == content[o:o + 16 * KiB]
+                                  for o in range(0, 256 * KiB, 16 * KiB)))
+        s.disconnect(h)
+
+    got = observe(LUANBD, "file_parallel.lua", (f"file={disk}",),
+                  options=tuple(f"--filter={f}" for f in stack), client=client)
+    assert got.extra["same data"], got.log
+    warned = [line for line in got.log if line.startswith("readahead:")]
+    if stack == ("readahead",):
+        assert warned == ["readahead: warning: underlying plugin does not support "
+                          "NBD_CMD_CACHE or PARALLEL thread model, so the filter won't do "
+                          "anything", "readahead: try adding --filter=cache after this filter"]
+    else:
+        assert warned == [], got.log
