@@ -79,6 +79,10 @@ class Filter(Backend):
         h.thread.join()
         next.close()
 
+    def get_size(self, next: Context, h: Handle) -> int:
+        h.size = next.get_size()  # kept: nbdkit asks the plugin once per connection
+        return h.size
+
     def can_cache(self, next: Context, h: Handle) -> CacheMode:
         mode = next.can_cache()
         h.can_cache = mode

@@ -112,6 +112,11 @@ class Filter(Backend):
         if h.is_open:
             next.close()
 
+    def get_size(self, next: Context, h: Handle) -> int:
+        # Kept for the range checks: nbdkit asks the plugin once per (re)open.
+        h.size = next.get_size()
+        return h.size
+
     def can_fua(self, next: Context, h: Handle) -> FuaMode:
         # The FUA of a retried write is emulated inside the retried call, as in nbdkit's
         # plugin layer below this filter (filters/emulate.py).
