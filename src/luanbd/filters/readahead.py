@@ -80,8 +80,9 @@ class Filter(Backend):
         next.close()
 
     def get_size(self, next: Context, h: Handle) -> int:
-        h.size = next.get_size()  # kept: nbdkit asks the plugin once per connection
-        return h.size
+        size = next.get_size()
+        h.size = size  # kept: nbdkit asks the plugin once per connection
+        return size
 
     def can_cache(self, next: Context, h: Handle) -> CacheMode:
         mode = next.can_cache()

@@ -114,8 +114,9 @@ class Filter(Backend):
 
     def get_size(self, next: Context, h: Handle) -> int:
         # Kept for the range checks: nbdkit asks the plugin once per (re)open.
-        h.size = next.get_size()
-        return h.size
+        size = next.get_size()
+        h.size = size
+        return size
 
     def can_fua(self, next: Context, h: Handle) -> FuaMode:
         # The FUA of a retried write is emulated inside the retried call, as in nbdkit's
