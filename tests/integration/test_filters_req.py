@@ -276,7 +276,8 @@ def test_rate_limits_transfer(kind: str, key: str) -> None:
 def test_rate_file_is_read_before_each_request() -> None:
     """No file: no limit.  Then the file says 2M: limited from the next request on (a bucket
     of 0.25 s, empty, so 384 KiB take at least (384 - 64) / 256 = 1.25 s).  A line that is
-    not a size is an error in the log at each request, and the rate stays."""
+    not a size is an error in the log at each request, and the rate stays; an empty file
+    is no error."""
     def client(s: Session) -> None:
         h = s.connect_and_probe()
         timed(s, "free", lambda: [s.read(h, 64 * KiB, i * 64 * KiB) for i in range(4)])
@@ -284,6 +285,8 @@ def test_rate_file_is_read_before_each_request() -> None:
         timed(s, "limited", lambda: [s.read(h, 64 * KiB, i * 64 * KiB) for i in range(6)])
         (s.tmp / "rate.txt").write_text("fast\n")
         s.read(h, 512, 0)
+        s.read(h, 512, 0)
+        (s.tmp / "rate.txt").write_text("")  # nothing to read: no error
         s.read(h, 512, 0)
         s.disconnect(h)
 

@@ -70,6 +70,9 @@ def _read_rate(path: str | None, bucket: Bucket) -> None:
             line = f.readline()
     except OSError:
         return  # no file (or unreadable) is not an error
+    if not line:
+        log.debug(f"could not read rate file: {path}")
+        return  # empty: nothing to read, not an error either
     if line.endswith("\n"):
         line = line[:-1]
     try:
