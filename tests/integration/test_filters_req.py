@@ -465,10 +465,11 @@ def test_pause_waits_for_requests_in_flight() -> None:
         t.start()
         time.sleep(0.5)
         ctl = _control(s)
+        s.record("read running", t.is_alive())
         timed(s, "pause", lambda: s.record("reply", _command(ctl, b"p")))
-        s.record("read done", not t.is_alive())
         s.record("resume", _command(ctl, b"r"))
         t.join(15)
+        s.record("read done", not t.is_alive())
         ctl.close()
         s.disconnect(h)
 
@@ -478,7 +479,8 @@ def test_pause_waits_for_requests_in_flight() -> None:
         assert seconds(obs, "pause") >= 0.5, obs.extra
     drop_times(expected, got)
     assert expected == got, diff_observations(expected, got)
-    assert got.extra["read done"] and got.extra["reply"] == "P", got.extra
+    assert got.extra["read running"] and got.extra["read done"], got.extra
+    assert got.extra["reply"] == "P", got.extra
 
 
 BAD_PAUSE = [(), ("pause-control=" + "d/" * 60 + "ctl.sock",),
