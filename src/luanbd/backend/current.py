@@ -6,10 +6,13 @@ code read the one of the calling thread.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from luanbd.backend.interface import PluginError
 
 
 @dataclass(slots=True)
@@ -39,9 +42,12 @@ def set_stopping(stopping: bool) -> None:
         _stopping.clear()
 
 
-def nanosleep(seconds: float) -> bool:
-    """nbdkit_nanosleep: sleep ``seconds``; False if the server began to stop meanwhile."""
-    return not _stopping.wait(seconds)
+def nanosleep(seconds: float, call: str) -> None:
+    """nbdkit_nanosleep: sleep ``seconds``; a server that begins to stop meanwhile ends the
+    sleep, and ``call`` fails with ESHUTDOWN and nbdkit's line."""
+    if _stopping.wait(seconds):
+        raise PluginError(call, "aborting sleep because of server shut down", errno.ESHUTDOWN,
+                          bare=True)
 
 
 def set_shutdown_handler(handler: Callable[[], None] | None) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_size
 from luanbd.backend.interface import Handle, StartupError
@@ -58,7 +59,7 @@ class Bucket:
             with self.lock:
                 bits, seconds = self.run(bits)
             if bits > 0:
-                time.sleep(seconds)
+                current.nanosleep(seconds, "rate")
 
 
 def _read_rate(path: str | None, bucket: Bucket) -> None:

@@ -5,11 +5,11 @@ retry the request (``retries=``, ``retry-delay=``, ``retry-exponential=``,
 from __future__ import annotations
 
 import errno
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
@@ -146,7 +146,7 @@ class Filter(Backend):
                     log.error(str(last))
                 log.debug(f"{method} failed: original errno = {last.errno}")
                 log.debug(f"retry {retry + 1}: waiting {delay} seconds before retrying")
-                time.sleep(delay)
+                current.nanosleep(delay, method)  # a stopping server: no more retries
                 retry += 1
                 if self.exponential:
                     delay *= 2

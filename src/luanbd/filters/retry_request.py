@@ -4,11 +4,11 @@ after a delay, without reopening (``retry-request-retries=``, ``retry-request-de
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import (
     FastZeroRefused,
@@ -66,7 +66,7 @@ class Filter(Backend):
                     log.error(str(err))
             i += 1
             log.debug(f"retry {i}: waiting {self.delay} seconds before retrying")
-            time.sleep(self.delay)
+            current.nanosleep(self.delay, "retry-request")
 
     def open(self, next: Context, readonly: bool) -> Handle:
         if self.retry_open:
