@@ -61,6 +61,16 @@ needs_nbdkit_python = pytest.mark.skipif(not HAVE_NBDKIT_PYTHON,
                                          reason="nbdkit and nbdkit-plugin-python are needed")
 
 
+
+def _accepting(sock: Path) -> bool:
+    """The socket file exists once bound, before listen(): wait for the LISTEN state
+    (/proc/net/unix flag __SO_ACCEPTCON), or a client may get ECONNREFUSED."""
+    if not sock.exists():
+        return False
+    with open("/proc/net/unix") as f:
+        rows = [line.split() for line in f]
+    return any(len(r) >= 8 and r[7] == str(sock) and int(r[3], 16) & 0x10000 for r in rows[1:])
+
 @dataclass
 class Outcome:
     """What a client call gave: a value, or the errno of an nbd.Error."""
@@ -166,7 +176,7 @@ class Servers:
                                     stderr=err)
         self.procs.append(proc)
         deadline = time.monotonic() + 15
-        while not sock.exists():
+        while not _accepting(sock):
             if proc.poll() is not None:
                 raise AssertionError(f"{argv} exited {proc.returncode}: {stderr.read_text()}")
             if time.monotonic() > deadline:
