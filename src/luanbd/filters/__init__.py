@@ -26,6 +26,7 @@ BUILTIN = {
     "exportname": "exportname",
     "fua": "fua",
     "log": "log",
+    "luks": "luks",
     "nocache": "nocache",
     "noextents": "noextents",
     "nofilter": "nofilter",
