@@ -24,6 +24,7 @@ BUILTIN = {
     "exitlast": "exitlast",
     "exitwhen": "exitwhen",
     "exportname": "exportname",
+    "ext2": "ext2",
     "fua": "fua",
     "log": "log",
     "luks": "luks",
