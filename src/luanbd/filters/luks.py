@@ -32,7 +32,8 @@ from luanbd.backend.interface import (
     StartupError,
     ZeroMode,
 )
-from luanbd.filters.luks_header import SECTOR, SectorCipher, load_header
+from luanbd.filters.luks_cipher import SECTOR, SectorCipher
+from luanbd.filters.luks_header import load_header
 from luanbd.filters.stats import parse_int
 
 

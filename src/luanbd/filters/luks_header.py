@@ -6,7 +6,7 @@ What nbdkit 1.32 supports, and so this: AES-128/256 in XTS mode and AES-128/192/
 mode, IVs ``plain`` and ``plain64``, hashes md5, sha1, sha224, sha256, sha384, sha512 and
 ripemd160.  ESSIV, ECB, CTR and other ciphers are refused with nbdkit's messages (their
 wording names GnuTLS, nbdkit's crypto library, as nbdkit's does).  AES is the
-``cryptography`` package's, PBKDF2 and the hashes hashlib's.
+``cryptography`` package's (luks_cipher.py), PBKDF2 and the hashes hashlib's.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 from luanbd import log
 from luanbd.backend.interface import PluginError
+from luanbd.filters.luks_cipher import SECTOR, SectorCipher
 
-SECTOR = 512
 MAGIC = b"LUKS\xba\xbe"
 DIGEST_SIZE = 20
 NUM_KEYS = 8
@@ -67,36 +65,6 @@ class KeySlot:
         n = -(-key_len * self.stripes // SECTOR)
         align = ALIGN_KEYSLOTS // SECTOR
         return -(-n // align) * align
-
-
-class SectorCipher:
-    """AES in XTS or CBC mode with a plain/plain64 IV of the sector number."""
-
-    def __init__(self, key: bytes, mode: str, ivgen: str) -> None:
-        self.algorithm = algorithms.AES(key)
-        self.xts = mode == "xts"
-        self.iv_bytes = 4 if ivgen == "plain" else 8
-
-    def _iv(self, sector: int) -> bytes:
-        return (sector & ((1 << (8 * self.iv_bytes)) - 1)).to_bytes(16, "little")
-
-    def _run(self, data: bytes | bytearray | memoryview, sector: int, decrypt: bool) -> bytes:
-        view = memoryview(data)
-        out = bytearray(len(view))
-        for pos in range(0, len(view), SECTOR):
-            iv = self._iv(sector)
-            cipher = Cipher(self.algorithm, modes.XTS(iv) if self.xts else modes.CBC(iv))
-            ctx = cipher.decryptor() if decrypt else cipher.encryptor()
-            out[pos:pos + SECTOR] = ctx.update(bytes(view[pos:pos + SECTOR])) + ctx.finalize()
-            sector += 1
-        return bytes(out)
-
-    def decrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
-        """``data`` (whole sectors; the last may be shorter) starting at ``sector``."""
-        return self._run(data, sector, True)
-
-    def encrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
-        return self._run(data, sector, False)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
