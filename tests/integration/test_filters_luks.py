@@ -445,3 +445,25 @@ def test_sector_cipher_is_the_cryptography_packages_xts_and_cbc(mode: str,
             assert encrypted == cipher.one_by_one(data, sector, False), (ivgen, size, sector)
             assert cipher.decrypt(encrypted, sector) == data
             assert cipher.one_by_one(encrypted, sector, True) == data
+
+
+def test_a_changed_disk_is_unlocked_again(tmp_path: Path, images: dict[str, Path]) -> None:
+    """luanbd remembers the master key of a disk it has unlocked, by the bytes of its header
+    and key material: a connection to another LUKS disk at the same place gets that disk's
+    key, and then the first disk's again."""
+    other = "aes-128-xts-plain-sha1"
+    digests = {name: hashlib.sha256(qemu_read(images[name])).hexdigest()
+               for name in (DEFAULT, other)}
+    path = tmp_path / "disk.img"
+    shutil.copy(images[DEFAULT], path)
+
+    def client(s: Session) -> None:
+        for i, name in enumerate((DEFAULT, other, DEFAULT)):
+            path.write_bytes(images[name].read_bytes())
+            h = s.connect()
+            s.record(str(i), hashlib.sha256(h.pread(PAYLOAD, 0)).hexdigest() == digests[name])
+            s.disconnect(h)
+
+    obs = observe(LUANBD, "file.lua", (f"file={path}", f"passphrase={PASS}"),
+                  options=("--filter=luks",), client=client)
+    assert obs.extra == {"0": True, "1": True, "2": True}, obs.log

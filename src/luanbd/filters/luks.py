@@ -4,11 +4,12 @@
 line read from file descriptor FD, which is then closed) or ``passphrase=-`` (asked on the
 terminal, without echo: only when stdin is a tty), read as nbdkit_read_password does, with
 its messages.  Each connection reads the header and unlocks a key slot when it opens (as
-nbdkit's .prepare), so a wrong passphrase fails the connection, not the start-up.  The
-export is the payload, decrypted: its size is the disk's less the payload offset; reads
-and writes are encrypted a 512-byte sector at a time (luks_header.py), a write that covers
-part of a sector reading the rest of it first.  Trim and extents are not offered, zeroes
-are written as encrypted zeroes, cache requests are reads.
+nbdkit's .prepare), so a wrong passphrase fails the connection, not the start-up; the
+master key of a disk already unlocked is remembered (nbdkit runs PBKDF2 on every
+connection).  The export is the payload, decrypted: its size is the disk's less the
+payload offset; reads and writes are encrypted by 512-byte sectors (luks_cipher.py), a
+write that covers part of a sector reading the rest of it first.  Trim and extents are
+not offered, zeroes are written as encrypted zeroes, cache requests are reads.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class Filter(Backend):
         self.passphrase: bytes | None = None
         #: Read-modify-write cycles of partly written sectors never overlap (nbdkit's lock).
         self.rmw = threading.Lock()
+        #: The master keys of the disks unlocked so far (luks_header.load_header).
+        self.unlocked: dict[bytes, bytes] = {}
 
     def config(self, next: Callable[[str, str], None], key: str, value: str) -> None:
         if key == "passphrase":
@@ -142,7 +145,7 @@ class Filter(Backend):
         def read(count: int, offset: int) -> bytes:
             return bytes(next.pread(count, offset, 0))
 
-        header, cipher = load_header(read, next.get_size(), self.passphrase)
+        header, cipher = load_header(read, next.get_size(), self.passphrase, self.unlocked)
         return _Disk(header.payload_offset * SECTOR, cipher)
 
     def get_size(self, next: Context, h: Handle) -> int:

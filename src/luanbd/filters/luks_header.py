@@ -170,14 +170,11 @@ class Header:
     def cipher(self, key: bytes) -> SectorCipher:
         return SectorCipher(key, self.mode, self.ivgen)
 
-    def try_slot(self, read: Callable[[int, int], bytes], ks: KeySlot,
-                 passphrase: bytes) -> bytes | None:
-        """The master key if ``passphrase`` unlocks key slot ``ks``, else None."""
-        if ks.active != KEY_ENABLED:
-            return None
+    def try_slot(self, ks: KeySlot, encrypted: bytes, passphrase: bytes) -> bytes | None:
+        """The master key if ``passphrase`` unlocks key slot ``ks``, whose key material on
+        the disk is ``encrypted``; else None."""
         slot_key = _pbkdf2(self.hash_spec, passphrase, ks.salt, ks.iterations,
                            self.key_len)
-        encrypted = read(self.key_len * ks.stripes, ks.offset * SECTOR)
         try:
             material = self.cipher(slot_key).decrypt(encrypted, 0)
         except ValueError as err:  # a key OpenSSL refuses (XTS with equal halves)
@@ -201,22 +198,45 @@ def _pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length:
         raise fail(f"pbkdf2: {err}") from None
 
 
-def load_header(read: Callable[[int, int], bytes], size: int,
-                passphrase: bytes) -> tuple[Header, SectorCipher]:
+#: How many unlocked disks a filter remembers.
+CACHED = 16
+
+
+def load_header(read: Callable[[int, int], bytes], size: int, passphrase: bytes,
+                unlocked: dict[bytes, bytes]) -> tuple[Header, SectorCipher]:
     """nbdkit's load_header: read and check the header of a disk of ``size`` bytes, then
     unlock a key slot; the header and the payload's cipher.  ``read(count, offset)``
-    reads the disk."""
+    reads the disk.
+
+    ``unlocked`` maps what was read (the header and every active slot's key material, as a
+    digest) to the master key it gave: with the same passphrase the same bytes give the
+    same key, so a connection to a disk already unlocked skips the PBKDF2 (seconds with
+    qemu's and cryptsetup's defaults; nbdkit pays them on every connection)."""
     if size < 16384:
         raise fail("disk is too small to be LUKS-encrypted")
-    header = Header(read(HEADER_SIZE, 0), size)
+    raw = read(HEADER_SIZE, 0)
+    header = Header(raw, size)
     log.debug(f"LUKS UUID: {header.uuid}")
+    material: list[bytes] = []
     for i, ks in enumerate(header.slots):
         if ks.active == KEY_ENABLED:
             log.debug(f"LUKS key slot {i}: key material in sectors {ks.offset}.."
                       f"{ks.offset + ks.sectors(header.key_len) - 1}")
-    for ks in header.slots:
-        key = header.try_slot(read, ks, passphrase)
-        if key is not None:
-            log.debug("LUKS unlocked block device with passphrase")
-            return header, header.cipher(key)
-    raise fail("LUKS passphrase is not correct, no key slot could be unlocked")
+            material.append(read(header.key_len * ks.stripes, ks.offset * SECTOR))
+        else:
+            material.append(b"")
+    fingerprint = hashlib.sha256(raw + b"".join(material)).digest()
+    key = unlocked.get(fingerprint)
+    if key is None:
+        for ks, encrypted in zip(header.slots, material, strict=True):
+            if ks.active == KEY_ENABLED:
+                key = header.try_slot(ks, encrypted, passphrase)
+                if key is not None:
+                    break
+        else:
+            raise fail("LUKS passphrase is not correct, no key slot could be unlocked")
+        if len(unlocked) >= CACHED:
+            del unlocked[next(iter(unlocked))]
+        unlocked[fingerprint] = key
+    log.debug("LUKS unlocked block device with passphrase")
+    return header, header.cipher(key)
