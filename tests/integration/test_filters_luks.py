@@ -467,3 +467,27 @@ def test_a_changed_disk_is_unlocked_again(tmp_path: Path, images: dict[str, Path
     obs = observe(LUANBD, "file.lua", (f"file={path}", f"passphrase={PASS}"),
                   options=("--filter=luks",), client=client)
     assert obs.extra == {"0": True, "1": True, "2": True}, obs.log
+
+
+def test_a_disk_ending_inside_a_sector(tmp_path: Path, images: dict[str, Path]) -> None:
+    """The size is nbdkit's (the disk's less the payload offset), but the sector the disk
+    cuts short cannot be decrypted: EIO with one log line, and nothing is written past the
+    disk's end (nbdkit 1.32 reads past the plugin's end there and aborts)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(images[DEFAULT].read_bytes()[:-24])
+    size = path.stat().st_size
+
+    def client(s: Session) -> None:
+        h = s.connect_and_probe(strict=0)
+        s.read(h, 512, PAYLOAD - 1024)
+        s.read(h, 100, PAYLOAD - 124)
+        s.write(h, 1, 4, PAYLOAD - 30)
+        s.disconnect(h)
+
+    obs = observe(LUANBD, "file.lua", (f"file={path}", f"passphrase={PASS}"),
+                  options=("--filter=luks",), client=client)
+    assert obs.size == PAYLOAD - 24
+    assert [outcome for _, outcome in obs.ops][1:] == ["EIO", "EIO"]
+    assert obs.errors() == ["the disk ends inside this sector of the LUKS payload (its size "
+                            "is not a multiple of 512)"] * 2
+    assert path.stat().st_size == size

@@ -14,6 +14,7 @@ not offered, zeroes are written as encrypted zeroes, cache requests are reads.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -107,13 +108,22 @@ def read_password(value: str) -> bytes:
 
 
 class _Disk:
-    """One connection's unlocked disk: where the payload starts, and its cipher."""
+    """One connection's unlocked disk: where the payload starts, its cipher, and where the
+    last whole sector of the disk ends."""
 
-    __slots__ = ("cipher", "offset")
+    __slots__ = ("cipher", "end", "offset")
 
-    def __init__(self, offset: int, cipher: SectorCipher) -> None:
+    def __init__(self, offset: int, cipher: SectorCipher, size: int) -> None:
         self.offset = offset
         self.cipher = cipher
+        self.end = size - size % SECTOR
+
+    def check(self, call: str, end_sector: int) -> None:
+        """A sector cut short by the end of the disk cannot be decrypted (nbdkit 1.32 reads
+        past the plugin's end there, and aborts)."""
+        if self.offset + end_sector * SECTOR > self.end:
+            raise PluginError(call, "the disk ends inside this sector of the LUKS payload "
+                              "(its size is not a multiple of 512)", errno.EIO, bare=True)
 
 
 class Filter(Backend):
@@ -145,8 +155,9 @@ class Filter(Backend):
         def read(count: int, offset: int) -> bytes:
             return bytes(next.pread(count, offset, 0))
 
-        header, cipher = load_header(read, next.get_size(), self.passphrase, self.unlocked)
-        return _Disk(header.payload_offset * SECTOR, cipher)
+        size = next.get_size()
+        header, cipher = load_header(read, size, self.passphrase, self.unlocked)
+        return _Disk(header.payload_offset * SECTOR, cipher, size)
 
     def get_size(self, next: Context, h: Handle) -> int:
         disk: _Disk = h
@@ -182,6 +193,7 @@ class Filter(Backend):
               flags: int) -> bytes | memoryview:
         first = offset // SECTOR
         end = -(-(offset + count) // SECTOR)
+        h.check("pread", end)
         data = next.pread((end - first) * SECTOR, h.offset + first * SECTOR, flags)
         skip = offset - first * SECTOR
         plain: bytes = h.cipher.decrypt(data, first)
@@ -190,6 +202,7 @@ class Filter(Backend):
     def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
         first = offset // SECTOR
         end = -(-(offset + len(buf)) // SECTOR)
+        h.check("pwrite", end)
         where = h.offset + first * SECTOR
         head = offset - first * SECTOR
         tail = end * SECTOR - offset - len(buf)
