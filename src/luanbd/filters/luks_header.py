@@ -1,12 +1,15 @@
 """LUKSv1 for the luks filter (nbdkit 1.32's luks-encryption.c, in Python): the header and
-its checks, the cipher strings, unlocking a key slot with the passphrase (PBKDF2, the
-anti-forensic merge, the master key digest) and the sector cipher of the payload.
+its checks, the cipher strings, and unlocking a key slot with the passphrase (PBKDF2, the
+anti-forensic merge, the master key digest).
 
 What nbdkit 1.32 supports, and so this: AES-128/256 in XTS mode and AES-128/192/256 in CBC
 mode, IVs ``plain`` and ``plain64``, hashes md5, sha1, sha224, sha256, sha384, sha512 and
 ripemd160.  ESSIV, ECB, CTR and other ciphers are refused with nbdkit's messages (their
 wording names GnuTLS, nbdkit's crypto library, as nbdkit's does).  AES is the
-``cryptography`` package's (luks_cipher.py), PBKDF2 and the hashes hashlib's.
+``cryptography`` package's (luks_cipher.py), PBKDF2 and the hashes hashlib's.  Where a key
+slot's material does not end on a sector (AES-192-CBC's 24 x 4000 bytes) its last piece is
+decrypted too, as cryptsetup does; nbdkit 1.32 leaves it encrypted, so it can never open
+such a slot.
 """
 
 from __future__ import annotations
