@@ -8,8 +8,8 @@ ripemd160.  ESSIV, ECB, CTR and other ciphers are refused with nbdkit's messages
 wording names GnuTLS, nbdkit's crypto library, as nbdkit's does).  AES is the
 ``cryptography`` package's (luks_cipher.py), PBKDF2 and the hashes hashlib's.  Where a key
 slot's material does not end on a sector (AES-192-CBC's 24 x 4000 bytes) its last piece is
-decrypted too, as cryptsetup does; nbdkit 1.32 leaves it encrypted, so it can never open
-such a slot.
+decrypted too (in CBC the same bytes as cryptsetup's decryption of that whole sector);
+nbdkit 1.32 leaves it encrypted, so it can never open such a slot.
 """
 
 from __future__ import annotations
