@@ -3,7 +3,6 @@ and the ``nbdkit`` table of Lua scripts.  Each raises ValueError with nbdkit's m
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 
@@ -55,22 +54,6 @@ def parse_bool(text: str) -> bool:
     if word in _FALSE:
         return False
     raise ValueError(f"could not decipher boolean ({text})")
-
-
-def read_password(value: str) -> str:
-    """``-`` asks on the terminal, ``-FD`` reads a file descriptor, ``+FILE`` reads a file,
-    anything else is the password itself."""
-    if value == "-":
-        return getpass.getpass("password: ")
-    if value.startswith("-") and value[1:].isdigit():
-        with os.fdopen(int(value[1:]), "rb", closefd=False) as f:
-            data = f.read()
-    elif value.startswith("+"):
-        with open(value[1:], "rb") as f:
-            data = f.read()
-    else:
-        return value
-    return data.decode().rstrip("\n")
 
 
 def realpath(path: str) -> str:

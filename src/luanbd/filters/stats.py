@@ -10,7 +10,6 @@ depends on its hash table); "other sizes" says all the bytes of the kind of requ
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import IO
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import FuaMode, Handle, StartupError
+from luanbd.backend.password import parse_int
 from luanbd.filters.emulate import fua_above, with_fua, zero_or_emulate
 
 KiB = 1024
@@ -41,22 +41,6 @@ def humanrate(n: int, usecs: int) -> str:
     return humansize(n / secs) if secs != 0.0 else "(n/a)"
 
 
-_INT = re.compile(r"\s*([-+]?(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*))")
-
-
-def parse_int(what: str, value: str) -> int:
-    """nbdkitparse_int (strtol, base 0) and its messages."""
-    m = _INT.match(value)
-    if m is None:
-        raise StartupError(f"{what}: empty string where we expected a number")
-    if m.end() != len(value):
-        raise StartupError(f'{what}: could not parse number: "{value}": trailing garbage')
-    n = int(m.group(1), 16 if "x" in m.group(1).lower() else 8 if
-            m.group(1).lstrip("+-").startswith("0") else 10)
-    if not -(1 << 31) <= n < 1 << 31:
-        raise StartupError(f'{what}: could not parse number: "{value}": '
-                           "Numerical result out of range")
-    return n
 
 
 def _alignment(offset: int) -> int:

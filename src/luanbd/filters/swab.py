@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import Handle, PluginError, StartupError
-from luanbd.filters.stats import parse_int
+from luanbd.backend.password import parse_int
 
 
 def swap(buf: bytes | memoryview, width: int) -> bytes:

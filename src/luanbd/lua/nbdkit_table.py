@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from luanbd import __version__
-from luanbd.backend import current, helpers
+from luanbd.backend import current, helpers, password
 from luanbd.log import debug
 from luanbd.lua.results import text
 
@@ -61,7 +61,7 @@ def primitives() -> dict[str, Callable[..., Any]]:
         "debug": lambda msg: debug(text(msg)),
         "parse_size": guard(lambda s: helpers.parse_size(text(s))),
         "parse_bool": guard(lambda s: helpers.parse_bool(text(s))),
-        "read_password": guard(lambda s: helpers.read_password(text(s)).encode()),
+        "read_password": guard(lambda s: password.read_password(text(s))),
         "realpath": guard(lambda s: helpers.realpath(os.fsdecode(s)).encode()),
         "absolute_path": guard(lambda s: os.fsencode(helpers.absolute_path(os.fsdecode(s)))),
         "export_name": guard(export_name),
