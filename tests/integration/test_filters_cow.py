@@ -350,3 +350,33 @@ def test_cache_reclaim_keeps_dirty_blocks(tmp_path: Path) -> None:
     assert got.extra["data"] == bytes(want)
     assert got.outcome("flush") == "ok"
     assert got.extra["file"] == bytes(want)
+
+
+def _random_small_requests(s: Session) -> None:
+    """Many small writes, zeroes and trims landing again and again in the same few blocks
+    (partial writes into blocks already in the overlay or cache), each followed by reads
+    of what it touched and of its neighbours."""
+    import random
+
+    rng = random.Random(13)
+    h = s.connect_and_probe()
+    for i in range(150):
+        count = rng.choice([1, 512, 700, 4096, 9000])
+        offset = rng.randrange(0, 256 * KiB - count)
+        kind = rng.random()
+        if kind < 0.7:
+            s.write(h, 100 + i, count, offset)
+        elif kind < 0.85:
+            s.op(f"zero {count}@{offset}", h.zero, count, offset)
+        else:
+            s.op(f"trim {count}@{offset}", h.trim, count, offset)
+        s.read(h, count, offset)
+        s.read(h, 4096, offset // 4096 * 4096)
+    s.read(h, 256 * KiB, 0)
+
+
+@pytest.mark.parametrize("stack", [("cow",), ("cache",), ("cache", "cow")])
+def test_small_requests_in_the_same_blocks_as_nbdkit(stack: tuple[str, ...]) -> None:
+    expected, got = both((f"size={SIZE}",), stack, _random_small_requests)
+    assert not expected.timed_out and not got.timed_out
+    assert expected == got, diff_observations(expected, got)

@@ -94,6 +94,10 @@ class _Blocks:
     def _state(self, blknum: int) -> int:
         return self.bitmap[blknum] if blknum < len(self.bitmap) else NOT_CACHED
 
+    def _all_cached(self, first: int, last: int) -> bool:
+        bitmap = self.bitmap
+        return last < len(bitmap) and bitmap.count(NOT_CACHED, first, last + 1) == 0
+
     def _mark(self, blknum: int, state: int) -> None:
         self.bitmap[blknum] = state
         if self.max_size >= 0:
@@ -279,6 +283,10 @@ class Filter(_Blocks, Backend):
         bs = self.blksize
         first, last = offset // bs, (offset + count - 1) // bs
         with self.lock:
+            if self.max_size < 0 and self._all_cached(first, last):
+                # Only the bytes asked for (the file holds each block at its own offset);
+                # with cache-max-size the general path keeps the LRU order.
+                return self._file_pread(count, offset)
             data = self._read(next, first, last - first + 1)
         at = offset - first * bs
         if at == 0 and len(data) == count:
@@ -311,6 +319,17 @@ class Filter(_Blocks, Backend):
                 if n == bs:
                     block: bytes | bytearray | memoryview = (
                         zeroes if view is None else view[pos:pos + bs])
+                elif (self.max_size < 0 and self._state(blknum) != NOT_CACHED
+                      and self.mode != "writethrough"
+                      and not (self.mode == "writeback" and flags & FLAG_FUA)):
+                    # A cached block kept dirty: only the changed bytes to the file (the
+                    # plugin sees nothing of it until a flush, as with the whole block).
+                    # Not with cache-max-size, whose reclaim may drop the block first.
+                    self._file_pwrite(bytes(n) if view is None else view[pos:pos + n],
+                                      blknum * bs + at)
+                    self._mark(blknum, DIRTY)
+                    pos += n
+                    continue
                 else:
                     block = bytearray(self._read(next, blknum, 1))
                     block[at:at + n] = bytes(n) if view is None else view[pos:pos + n]

@@ -91,6 +91,13 @@ class Overlay:
     def state(self, blknum: int) -> int:
         return self.bitmap[blknum] if blknum < len(self.bitmap) else NOT_ALLOCATED
 
+    def same_state(self, first: int, last: int) -> int | None:
+        """The state of blocks ``first..last`` if they all have the same one."""
+        state = self.state(first)
+        if first == last or self.bitmap.count(state, first, last + 1) == last + 1 - first:
+            return state
+        return None
+
     # --- whole blocks -----------------------------------------------------------------
     def _pread(self, n: int, offset: int) -> bytes:
         return file_pread(self.fd, n, offset)
@@ -145,6 +152,9 @@ class Overlay:
         """Read-modify-write of one block: ``n`` bytes from ``at`` become ``data`` (zeroes
         when None)."""
         with self.lock:
+            if self.state(blknum) == ALLOCATED:  # the rest of the block is there already
+                self._pwrite(bytes(n) if data is None else data, blknum * self.blksize + at)
+                return
             block = bytearray(self.read(next, blknum, 1, save))
             block[at:at + n] = bytes(n) if data is None else data
             self.write(blknum, block)
@@ -262,7 +272,16 @@ class Filter(Backend):
               flags: int) -> bytes | memoryview:
         bs = self.blksize
         first, last = offset // bs, (offset + count - 1) // bs
-        data = self.overlay.read(next, first, last - first + 1, self._on_read())
+        ov = self.overlay
+        state = ov.same_state(first, last)
+        # All in the overlay, or all trimmed: only the bytes asked for (the file holds
+        # each block at its own offset).  The plugin is still asked for whole blocks, as
+        # nbdkit asks it.
+        if state == ALLOCATED:
+            return file_pread(ov.fd, count, offset)
+        if state == TRIMMED:
+            return bytes(count)
+        data = ov.read(next, first, last - first + 1, self._on_read())
         at = offset - first * bs
         if at == 0 and len(data) == count:
             return data
