@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 
 from luanbd.config import ServerConfig
+from luanbd.filters import create as create_filter
+from luanbd.lua.filter import LuaFilter
 from luanbd.lua.startup import LuaStartup
 from luanbd.protocol.constants import LARGE_DATA, Cmd
 from luanbd.protocol.transmission import _CMDS, PlainRequests
@@ -219,7 +221,7 @@ class Server:
 
     def __init__(self, tmp_path: Path, *, fastpath: bool, readonly: bool = False,
                  api: int = 2, thread_model: str = "serialize_all_requests",
-                 memory_limit: int | None = None) -> None:
+                 memory_limit: int | None = None, filters: tuple[str, ...] = ()) -> None:
         script = tmp_path / f"ram-{fastpath}.lua"
         script.write_text(SCRIPT.substitute(
             api=api, thread_model=thread_model, size=SIZE, error_at=ERROR_AT,
@@ -227,7 +229,15 @@ class Server:
             full_at=FULL_AT, disconnect_at=DISCONNECT_AT))
         self.config = ServerConfig(script=str(script), readonly=readonly, fastpath=fastpath,
                                    lua_memory_limit=memory_limit)
-        startup = LuaStartup(self.config)
+        layers = []
+        for name in filters:
+            if name == "lua":  # a Lua filter that reads and writes through next
+                path = tmp_path / f"pass-{fastpath}.lua"
+                path.write_text(PASS_FILTER)
+                layers.append(LuaFilter(str(path)))
+            else:
+                layers.append(create_filter(name))
+        startup = LuaStartup(self.config, layers)
         chain = startup.load()
         startup.ready(chain)
         startup.after_fork(chain)
@@ -364,6 +374,21 @@ def test_same_reply_bytes(tmp_dirs: Path, python_requests: list[int], structured
 def test_same_reply_bytes_other_exports(tmp_dirs: Path, python_requests: list[int],
                                         options: dict[str, Any]) -> None:
     compare(tmp_dirs, python_requests, **options)
+
+
+PASS_FILTER = """
+function pread(next, h, count, offset, flags) return next:pread(count, offset, flags) end
+function pwrite(next, h, buf, offset, flags) return next:pwrite(buf, offset, flags) end
+"""
+
+
+@pytest.mark.parametrize("filters", [("lua",), ("cow",), ("lua", "nofilter", "cache")],
+                         ids=["lua-filter", "cow", "lua+nofilter+cache"])
+def test_same_reply_bytes_through_filters(tmp_dirs: Path, python_requests: list[int],
+                                          filters: tuple[str, ...]) -> None:
+    """Filters that look at plain requests: the compiled loop calls the chain's first layer
+    (backend/context_calls.py) and answers exactly as the Python loop."""
+    compare(tmp_dirs, python_requests, filters=filters)
 
 
 @pytest.mark.parametrize("end", ["disconnect", "shutdown"])

@@ -15,6 +15,8 @@ from typing import Any
 
 from luanbd import log
 from luanbd.backend.chain import Chain, bottom
+from luanbd.backend.context_calls import ContextCalls
+from luanbd.backend.interface import CompiledCalls
 from luanbd.backend.locks import NoLock, RequestLock
 from luanbd.protocol.constants import LARGE_DATA
 from luanbd.protocol.transmission import PlainRequests, RequestParser, Session
@@ -87,14 +89,16 @@ def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: so
            tls: bool, chain: Chain, lock: RequestLock, stop: StopFlag) -> CompiledLoop | None:
     """The compiled loop for this connection, or None where the Python loop must do
     everything: not built or turned off (``enabled``: config.fastpath), TLS (an SSL object),
-    extended headers (the loop parses classic headers), -v (request timing), or a chain
-    whose plain requests the plugin does not take directly (a filter looks at them, or
-    the plugin is not a Lua script)."""
+    extended headers (the loop parses classic headers) or -v (request timing).  Where
+    filters look at plain requests (or the plugin is not a Lua script), the loop calls
+    the chain's first layer instead of the plugin (backend/context_calls.py)."""
     if not (FASTPATH_BUILT and enabled) or tls or log.verbose or session.extended_headers:
         return None
-    plugin = chain.compiled_calls()
+    plugin: CompiledCalls | None = chain.compiled_calls()
+    handle = bottom(handler.ctx.top).handle
     if plugin is None:
-        return None
+        # A filter looks at plain requests: the loop calls the chain's first layer.
+        plugin, handle = ContextCalls(handler.ctx.top), None
     call, pread, pwrite, api2 = plugin.fastpath_calls()
     writable = session.plain.writable and pwrite is not None
     # Any result but success is answered by the handler, as the Python loop would.
@@ -104,6 +108,6 @@ def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: so
         plain=PlainRequests(session.size, writable,
                             min(session.plain.max_length, MAX_LENGTH)),
         structured=session.structured_replies, call=call, pread=pread,
-        pwrite=pwrite if writable else None, handle=bottom(handler.ctx.top).handle,
+        pwrite=pwrite if writable else None, handle=handle,
         api2=api2, lock=None if isinstance(lock, NoLock) else lock, stop=stop,
         slow=handler.compiled_result)

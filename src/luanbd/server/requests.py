@@ -141,6 +141,9 @@ class RequestHandler:
         req = Request(_READ if is_read else _WRITE, 0, cookie, offset, count, None)
         try:
             data = plugin.fastpath_result(is_read, res, count)
+        except (FastZeroRefused, LoggedError) as err:  # as in _run: logged already
+            log.debug(str(err))
+            return self._error_reply(req, self._failed(req, err.errno))
         except PluginError as err:
             log.error(str(err))
             return self._error_reply(req, self._failed(req, err.errno))
