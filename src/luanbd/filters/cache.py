@@ -312,16 +312,23 @@ class Filter(_Blocks, Backend):
         view = None if data is None else memoryview(data)
         zeroes = bytes(bs)
         pos = 0
+        kept_dirty = (self.max_size < 0 and self.mode != "writethrough"
+                      and not (self.mode == "writeback" and flags & FLAG_FUA))
         while pos < count:
             blknum, at = divmod(offset + pos, bs)
             n = min(bs - at, count - pos)
             with self.lock:
+                if n == bs and kept_dirty and view is not None:
+                    # Whole blocks kept dirty: one file write for the run of them.
+                    nblocks = (count - pos) // bs
+                    self._file_pwrite(view[pos:pos + nblocks * bs], blknum * bs)
+                    self.bitmap[blknum:blknum + nblocks] = bytes([DIRTY]) * nblocks
+                    pos += nblocks * bs
+                    continue
                 if n == bs:
                     block: bytes | bytearray | memoryview = (
                         zeroes if view is None else view[pos:pos + bs])
-                elif (self.max_size < 0 and self._state(blknum) != NOT_CACHED
-                      and self.mode != "writethrough"
-                      and not (self.mode == "writeback" and flags & FLAG_FUA)):
+                elif kept_dirty and self._state(blknum) != NOT_CACHED:
                     # A cached block kept dirty: only the changed bytes to the file (the
                     # plugin sees nothing of it until a flush, as with the whole block).
                     # Not with cache-max-size, whose reclaim may drop the block first.
