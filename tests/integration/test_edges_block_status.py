@@ -109,6 +109,8 @@ CONFIGS: dict[str, tuple[list[str], list[str], int]] = {
     "lua-offset": ([f"--filter={EXAMPLES / 'filters' / 'offset.lua'}"], ["offset=4097"],
                    SIZE - 4097),
     "cacheextents": (["--filter=cacheextents"], [], SIZE),
+    # nbdkit's CVE-2025-47712 was here: a length rounded up to minblock near 2^32
+    "blocksize": (["--filter=blocksize"], ["minblock=4096"], SIZE - 1),
 }
 
 
