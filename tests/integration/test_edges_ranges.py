@@ -130,6 +130,7 @@ def test_extended_ranges(start_server: StartServer, workdir: Path) -> None:
         try:
             rflags, rtype, cookie, _, payload = c.chunk()
             assert (rtype, cookie) == (TYPE_ERROR, 10)
+            assert struct.unpack_from(">I", payload)[0] == ENOSPC
             errors += 1
         except EOFError:
             errors += 1
