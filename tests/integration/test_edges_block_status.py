@@ -307,3 +307,28 @@ def test_like_nbdkit_sh(start_server: StartServer, workdir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# --- a Lua filter's own extents answer --------------------------------------------------------
+
+#: fmode -> fine (else every request in range is one error)
+FILTER_MODES = {"pass": True, "huge": True, "before": True, "empty": False, "string": False,
+                "unsorted": False, "notable": False, "toobig": False}
+
+
+@pytest.mark.parametrize("fmode", list(FILTER_MODES))
+def test_lua_filter_extents(start_server: StartServer, fmode: str) -> None:
+    server = start_server(script("edges.lua"), f"fmode={fmode}", "mode=huge",
+                          options=[f"--filter={script('edges_filter.lua')}"])
+    pts = points(SIZE)
+    (res,) = run_cases(server, [{"export": "", "ops": [["bs", o, c, f] for o, c, f in pts]}])
+    errors = 0
+    for (o, c, f), op in zip(pts, res["ops"], strict=True):
+        if not in_range(o, c, SIZE) or not FILTER_MODES[fmode]:
+            assert op == {"err": EIO if in_range(o, c, SIZE) else EINVAL}, (o, c, op)
+            errors += 1
+        else:
+            check_descriptors([tuple(x) for x in op["ok"]], o, c, f, size=SIZE, max_len=M)
+    assert len(log_errors(server)) == errors
+    if fmode == "before":
+        assert res["ops"][5] == {"ok": [[1, 3]]}  # the last byte
