@@ -36,6 +36,9 @@ ZERO_EMULATION_CHUNK = 1024 * 1024
 _ZEROES = bytes(ZERO_EMULATION_CHUNK)
 #: Largest length of one block status descriptor that keeps 4 KiB alignment in 32 bits.
 MAX_DESCRIPTOR = 0xFFFFF000
+#: Most descriptors in one reply (nbdkit's MAX_EXTENTS): 8 MiB of classic descriptors, far
+#: below the 64 MiB a libnbd client takes in one chunk; the reply then covers less.
+MAX_EXTENTS = 1 << 20
 
 
 class BlockSizeFailed(PluginError):
@@ -280,24 +283,28 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_o
     """
     end = offset + count
     out: list[tuple[int, int]] = []
-    pos = offset
+    pos = offset  # the end of what out covers, never past the export
+    nxt = offset  # where the plugin's next extent must begin (its last one's real end)
     for e_offset, e_length, e_type in raw:
         if e_length <= 0:
             continue
+        if out and e_offset >= size:
+            break  # past the export's end: ignored, as nbdkit_add_extent does
         e_end = min(e_offset + e_length, size)
         if e_end <= pos and not out:
             continue  # before the range
-        if e_offset > pos:
+        if e_offset > (nxt if out else pos):
             what = "first extent" if not out else "extents"
             raise PluginError("extents", f"{what} must be contiguous and cover the offset "
-                                         f"(expected {pos}, got {e_offset})")
-        if e_offset < pos and out:
+                                         f"(expected {nxt if out else pos}, got {e_offset})")
+        if e_offset < nxt and out:
             raise PluginError("extents", "extents must be added in ascending order")
+        nxt = e_offset + e_length
         kind = e_type & (EXTENT_HOLE | EXTENT_ZERO)
         length = e_end - pos
         if out and out[-1][1] == kind:
             out[-1] = (out[-1][0] + length, kind)
-        elif pos >= end:
+        elif pos >= end or len(out) == MAX_EXTENTS:
             break  # past the request, only same-type extents still merge into the last
         else:
             out.append((length, kind))

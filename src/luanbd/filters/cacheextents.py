@@ -5,10 +5,19 @@ much as it will tell."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import FLAG_REQ_ONE, Handle
+
+
+def _valid(got: list[tuple[int, int, int]], offset: int) -> bool:
+    """Only an answer nbdkit_add_extent would have taken is kept: ascending, contiguous,
+    from the offset on (a bad one is the plugin's error now, not a wrong answer later)."""
+    if not got or got[0][0] != offset:
+        return False
+    return all(a + n == b for (a, n, _), (b, _, _) in itertools.pairwise(got))
 
 
 class Filter(Backend):
@@ -30,7 +39,7 @@ class Filter(Backend):
                        if e[1] > 0]
                 got = [(max(start, offset), start + length - max(start, offset), kind)
                        for start, length, kind in got if start + length > offset]
-                if got:
+                if _valid(got, offset):
                     self._cache = got
                     self._start = got[0][0]
                     self._end = got[-1][0] + got[-1][1]

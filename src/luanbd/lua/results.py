@@ -107,6 +107,9 @@ def block_size(results: tuple[Any, ...], g: Any) -> tuple[int, int, int] | None:
         return None
     if not (_pow2(minimum) and 1 <= minimum <= 65536 and _pow2(preferred)
             and 512 <= preferred <= 32 * 1024 * 1024 and minimum <= preferred <= maximum
+            # maximum is 32 bits on the wire (NBD_INFO_BLOCK_SIZE): 2^33 used to pass here
+            # and fail as an internal error while the option reply was packed
+            and maximum <= 0xFFFFFFFF
             and (maximum == 0xFFFFFFFF or maximum % minimum == 0)):
         raise PluginError("block_size", f"invalid block size constraints: minimum="
                                         f"{minimum} preferred={preferred} maximum={maximum}")
