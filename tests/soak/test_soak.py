@@ -19,7 +19,7 @@ MiB = 1 << 20
 #: RSS growth allowed from the start (once listening) to the end (the last client gone):
 #: glibc keeps up to 64 MiB of freed memory at the heap's top (M_TRIM_THRESHOLD, set by
 #: luanbd.server.lifecycle.tune_malloc), plus Python's and Lua's own free lists.
-RSS_GROWTH = 128 * MiB
+RSS_GROWTH = 160 * MiB
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("fio") is None
