@@ -59,12 +59,17 @@ class Pinning:
         self.pread_pinned = control.pread_pinned
         self._unpin = control.unpin
         self.released: collections.deque[int] = collections.deque()
+        #: The size of each string pinned now, and their total.
+        self._sizes: dict[int, int] = {}
+        self.pinned_bytes = 0
 
     def view(self, slot: int, where: bytes, size: int) -> memoryview:
         """The pinned string ``slot`` at address ``where`` (``%p`` text) as bytes."""
         array = _pinned_type(size).from_address(int(where, 16) + CONTENTS_OFFSET)
         array.slot = slot
         array.released = self.released
+        self._sizes[slot] = size
+        self.pinned_bytes += size
         return memoryview(array).cast("B").toreadonly()
 
     def unpin_released(self) -> None:
@@ -72,7 +77,9 @@ class Pinning:
         released = self.released
         slots = []
         while released:
-            slots.append(released.popleft())
+            slot = released.popleft()
+            slots.append(slot)
+            self.pinned_bytes -= self._sizes.pop(slot, 0)
         if slots:
             self._unpin(*slots)
 

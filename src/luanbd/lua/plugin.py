@@ -27,7 +27,7 @@ from luanbd.backend.interface import (
 from luanbd.lua import results
 from luanbd.lua.pinning import PIN_MIN
 from luanbd.lua.results import pread_data
-from luanbd.lua.script import CALLBACKS, MEMORY_CHECK, LuaScript
+from luanbd.lua.script import BIG_REQUEST, CALLBACKS, MEMORY_CHECK, LuaScript
 
 __all__ = ["CALLBACKS", "LuaPlugin"]
 
@@ -71,6 +71,9 @@ class LuaPlugin(LuaScript):
     def unload(self) -> None:
         if "unload" in self.fn:
             self._logged_call("unload")
+        # A connection's own Lua state lingers until Python's cycle collector finds it:
+        # give back its garbage (big request strings among it) now.
+        self.collect_garbage()
 
     def _logged_call(self, name: str, *args: Any) -> None:
         from luanbd.log import error
@@ -183,6 +186,8 @@ class LuaPlugin(LuaScript):
         # Hot path: one Lua call through the wrapper, then the common answer (a string of
         # exactly count bytes) with no further checks.
         fn = self.fn["pread"]
+        if count >= BIG_REQUEST:
+            self.big_request(count)
         if count >= PIN_MIN and self._pinning is not None:
             return self._pread_pinned(fn, h, count, offset, flags)
         if self.api_version == 1:
@@ -230,6 +235,8 @@ class LuaPlugin(LuaScript):
     def pwrite(self, h: Handle, buf: bytes, offset: int, flags: int) -> None:
         if "pwrite" not in self.fn:
             raise PluginError("pwrite", "pwrite not implemented", errno.EROFS)
+        if len(buf) >= BIG_REQUEST:
+            self.big_request(len(buf))
         if self._memory_limit and len(buf) > MEMORY_CHECK:
             self._reserve(len(buf))
         if self.api_version == 1:
