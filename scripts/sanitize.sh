@@ -113,7 +113,7 @@ phase() {  # phase NAME COMMAND...: run, time and record one check
 if [ "$mode" = quick ]; then
     phase tests pytest -q -p no:cacheprovider tests/protocol tests/server \
         tests/integration/test_fastpath.py tests/lua "${pytest_args[@]}"
-    phase fuzz "$PY" fuzz/run.py --seconds "${fuzz_seconds:-24}" \
+    phase fuzz "$PY" fuzz/run.py --seconds "${fuzz_seconds:-30}" \
         --only handshake,requests,fastpath --artifacts "$WORK/findings"
 else
     phase tests pytest -q -p no:cacheprovider "${pytest_args[@]}"
