@@ -35,6 +35,7 @@ offset 4096, which the comparison must report.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -141,8 +142,14 @@ def expect(condition: bool, message: str) -> None:
         raise Finding(message)
 
 
-def slow_reply(cmd: int, cookie: int, offset: int, count: int) -> list[bytes]:
-    return [b"SLOW", struct.pack(">HQQI", cmd, cookie, offset, count)]
+def slow_reply(cmd: int, cookie: int, offset: int, count: int) -> list[bytes | memoryview]:
+    """What the slow callback answers: 1 to 8 buffers (the most serve() takes, MAX_LIST),
+    some empty, some memoryviews, picked by the cookie; 128 replies of 8 fill IOV_MAX."""
+    body = b"SLOW" + struct.pack(">HQQI", cmd, cookie, offset, count)
+    cuts = sorted((cookie >> (3 + 5 * i)) % (len(body) + 1) for i in range(cookie % 8))
+    bounds = [0, *cuts, len(body)]
+    return [body[a:b] if i % 2 else memoryview(body)[a:b]
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))]
 
 
 def reference(d: Disk, plain: PlainRequests, structured: bool, stop_on_slow: bool,
@@ -198,7 +205,8 @@ def check(data: bytes) -> None:
     stop = StopFlag()
     slow_calls: list[tuple[int, int, int, int]] = []
 
-    def slow(cmd: int, cookie: int, offset: int, count: int, res: Any) -> list[bytes]:
+    def slow(cmd: int, cookie: int, offset: int, count: int,
+             res: Any) -> list[bytes | memoryview]:
         slow_calls.append((cmd, cookie, offset, count))
         if stop_on_slow:
             stop.set()
@@ -286,6 +294,7 @@ def seeds() -> dict[str, bytes]:
                + wr(5, FULL_AT, b"full") + req(Cmd.READ, 6, 8, 8))
     edges = (req(Cmd.READ, 1, SIZE - 1, 1) + req(Cmd.READ, 2, SIZE, 1)
              + req(Cmd.READ, 3, (1 << 64) - 1, 2) + req(Cmd.READ, 4, 0, 0))
+    iov_max = b"".join(req(Cmd.READ, 8 * i + 7, ERROR_AT, 8) for i in range(130))
     many = b"".join(wr(2 * i, i * 700, bytes([i]) * 300) + req(Cmd.READ, 2 * i + 1, i * 700, 300)
                     for i in range(40))
     return {
@@ -300,6 +309,7 @@ def seeds() -> dict[str, bytes]:
         + req(Cmd.WRITE, 2, 0, 100) + b"x" * 50,
         "bad-magic": bytes([0x02, 0x00, 0, 0]) + req(Cmd.READ, 1, 0, 4) + b"\0" * 28,
         "many-batches": bytes([0x12, 0x0e, 0, 0]) + many,
+        "slow-iov-max": bytes([0x02, 0x03, 0, 0]) + iov_max,
         "max-length-4k": bytes([0x16, 0x01, 5, 0]) + req(Cmd.READ, 1, 0, PAGE)
         + req(Cmd.READ, 2, 0, PAGE + 1) + wr(3, 0, b"q" * PAGE),
     }
