@@ -135,10 +135,10 @@ def test_standard_library_matches_the_stock_interpreter(tmp_path: Path, lua: str
         assert ours["require.env"] == 'true, "from LUA_PATH"'
         if versioned:
             assert "/nowhere" not in ours["package.path"]
-    if lua != "5.5":
+    if lua != "5.5" and not os.environ.get("LUANBD_SANITIZED"):
         assert ours["cjson"].startswith('"[1,2,\\"three\\"]", 2'), ours["cjson"]
         assert ours["loadlib.cjson"] == '"function"'
-    if lua in ("5.1", "5.2", "5.3", "luajit"):
+    if lua in ("5.1", "5.2", "5.3", "luajit") and not os.environ.get("LUANBD_SANITIZED"):
         assert ours["posix"] == 'true, "number"'
 
 
