@@ -12,7 +12,8 @@
 # there with -fsanitize=address,undefined -fno-sanitize-recover=undefined -O1 -g, and that
 # copy's src/ goes first on PYTHONPATH, so luanbd servers started by the tests (the venv's
 # `luanbd` command, any child python) import the sanitized modules too.  The interpreter is
-# not instrumented: libasan is LD_PRELOADed (it must come first), and every sanitizer report
+# not instrumented: libasan is LD_PRELOADed into every python and only there
+# (scripts/sanitize_site/sitecustomize.py, also on PYTHONPATH), and every sanitizer report
 # of any process goes to a file under the copy's reports/ (log_path), so a report from a
 # server whose stderr a test swallows is still counted.  The run fails if there is one.
 #
@@ -71,13 +72,15 @@ for ext in server/_fastpath lua/_lualib; do
 done
 echo "sanitize.sh: built both extensions with ASan+UBSan in $(($(date +%s) - start)) s ($TREE)"
 
-export LD_PRELOAD=$ASAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}
+# libasan goes into every python (scripts/sanitize_site/sitecustomize.py re-executes one
+# started without it) and into nothing else: nbdkit, qemu and the clients stay as they are.
+export LUANBD_ASAN_RUNTIME=$ASAN_LIB
 # allocator_may_return_null: a huge malloc fails with ENOMEM as it does without ASan (the
 # memory-limit tests rely on it); handle_segv=0 leaves faulthandler to Python.
 export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:\
 detect_odr_violation=0:handle_segv=0:log_path=$REPORTS/asan"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$REPORTS/ubsan"
-export PYTHONPATH=$TREE/src
+export PYTHONPATH=$TREE/src:$TREE/scripts/sanitize_site
 export LUANBD_SANITIZED=1
 cd "$TREE"
 
@@ -130,15 +133,19 @@ else
     phase leak-check "$PY" scripts/sanitize_leaks.py "$REPORTS"
 fi
 
-# Every report of every process, whatever the tests made of it.
-reports=$(find "$REPORTS" -name 'asan.*' -o -name 'ubsan.*' | sort)
+# Every report of every process, whatever the tests made of it.  A file with only
+# warnings (qemu's coroutines: "ASan doesn't fully support makecontext/swapcontext") is
+# listed, not counted.
+reports=$(grep -lE "ERROR: [A-Za-z]+Sanitizer|runtime error:" "$REPORTS"/asan.* \
+    "$REPORTS"/ubsan.* 2>/dev/null | sort || true)
+warnings=$(find "$REPORTS" -name 'asan.*' -o -name 'ubsan.*' | wc -l)
 if [ -n "$reports" ]; then
     for f in $reports; do echo "--- $f"; cat "$f"; done
     echo "sanitize.sh: $(echo "$reports" | wc -l) sanitizer report(s)" >&2
     keep=1
     status=1
 else
-    echo "sanitize.sh: no sanitizer reports"
+    echo "sanitize.sh: no sanitizer reports ($warnings file(s) with warnings only)"
 fi
 echo "sanitize.sh: $mode run $( ((status == 0)) && echo passed || echo FAILED) in \
 $(($(date +%s) - start)) s"
