@@ -100,6 +100,10 @@ def _run_both(tmp: Path, lua: str, versioned: bool) -> tuple[dict[str, str], dic
     return theirs, ours
 
 
+#: The C modules (lua-cjson, lua-posix) that need the Lua API among the global symbols.
+SANITIZED_DIFFERENCES = {"cjson", "loadlib.cjson", "loadlib.star", "posix"}
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("versioned", [False, True], ids=["LUA_PATH", "LUA_PATH_5_x"])
 @pytest.mark.parametrize("lua", list(INTERPRETERS))
@@ -108,6 +112,10 @@ def test_standard_library_matches_the_stock_interpreter(tmp_path: Path, lua: str
     theirs, ours = _run_both(tmp_path, lua, versioned)
     assert set(theirs) == set(ours) or lua == "5.5", set(theirs) ^ set(ours)
     allowed = EXPECTED_DIFFERENCES.get(lua, set())
+    if os.environ.get("LUANBD_SANITIZED"):
+        # scripts/sanitize.sh: Lua is loaded RTLD_LOCAL there (lua/runtime.py), so Debian's
+        # C modules cannot find the Lua API.
+        allowed = allowed | SANITIZED_DIFFERENCES
     differing = {k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k)}
     unexpected = {k: (theirs.get(k), ours.get(k)) for k in differing - allowed}
     assert not unexpected, "\n".join(f"{k}:\n  stock:  {t}\n  luanbd: {o}"
@@ -127,10 +135,10 @@ def test_standard_library_matches_the_stock_interpreter(tmp_path: Path, lua: str
         assert ours["require.env"] == 'true, "from LUA_PATH"'
         if versioned:
             assert "/nowhere" not in ours["package.path"]
-    if lua != "5.5":
+    if lua != "5.5" and not os.environ.get("LUANBD_SANITIZED"):
         assert ours["cjson"].startswith('"[1,2,\\"three\\"]", 2'), ours["cjson"]
         assert ours["loadlib.cjson"] == '"function"'
-    if lua in ("5.1", "5.2", "5.3", "luajit"):
+    if lua in ("5.1", "5.2", "5.3", "luajit") and not os.environ.get("LUANBD_SANITIZED"):
         assert ours["posix"] == 'true, "number"'
 
 

@@ -46,17 +46,33 @@ def import_module(lua: str) -> ModuleType:
     RTLD_DEEPBIND: lupa's wheels call their own Lua API through the PLT, and without it a
     second runtime in the same process (--dump-config's checks, tests) would be bound to the
     first one's functions and crash.
+
+    Under AddressSanitizer (scripts/sanitize.sh) a dlopen with RTLD_DEEPBIND aborts the
+    process, so every runtime is loaded RTLD_LOCAL instead: each still binds to its own
+    functions, but C modules of Debian's (lua-cjson) cannot find the Lua API there.
     """
     name = LUA_MODULES[lua]
-    flags = os.RTLD_NOW | getattr(os, "RTLD_DEEPBIND", 0)
-    if not any(m in sys.modules for m in LUA_MODULES.values()):
-        flags |= os.RTLD_GLOBAL
+    if _sanitized():
+        flags = os.RTLD_NOW
+    else:
+        flags = os.RTLD_NOW | getattr(os, "RTLD_DEEPBIND", 0)
+        if not any(m in sys.modules for m in LUA_MODULES.values()):
+            flags |= os.RTLD_GLOBAL
     saved = sys.getdlopenflags()
     sys.setdlopenflags(flags)
     try:
         return importlib.import_module(name)
     finally:
         sys.setdlopenflags(saved)
+
+
+def _sanitized() -> bool:
+    """AddressSanitizer's runtime is in this process (LD_PRELOADed by scripts/sanitize.sh)."""
+    try:
+        ctypes.CDLL(None)["__asan_init"]
+    except AttributeError:
+        return False
+    return True
 
 
 def release(module: ModuleType) -> str:
