@@ -1,8 +1,7 @@
-"""What nbdkit's plugin layer does below every filter, for filters that must see requests as
-nbdkit's do: FUA the plugin cannot do is emulated there by a flush after the call, and a zero
-the plugin cannot do by writing zeroes, neither of which the filters above see.  In luanbd
-both happen above the whole chain (backend/context.py), so such a filter does them itself,
-on the next layer."""
+"""FUA and zero emulation done by a filter itself, on the next layer: the log and stats
+filters answer FUA as native to the layers above and do the emulating flush themselves, so
+their records show the client's request with its flag, as nbdkit's (whose plugin layer
+emulates both below every filter, as luanbd's PluginContext does too, backend/chain.py)."""
 
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ import threading
 import zlib
 
 from luanbd import log
-from luanbd.backend.chain import Backend, Context
-from luanbd.backend.interface import CacheMode, Handle, PluginError
+from luanbd.backend.chain import Context
+from luanbd.backend.interface import Handle, PluginError
+from luanbd.filters.image import DecodedImage
 
 #: Where the temporary file goes without $TMPDIR (nbdkit's LARGE_TMPDIR).
 LARGE_TMPDIR = "/var/tmp"
@@ -46,7 +47,7 @@ def _inflate_error(err: zlib.error) -> str:
     return f"gzip: inflate: {m.group(2)}"
 
 
-class Filter(Backend):
+class Filter(DecodedImage):
     name = "gzip"
 
     def __init__(self) -> None:
@@ -110,18 +111,6 @@ class Filter(Backend):
                 raise PluginError("open", f"write: {err.strerror}", bare=True) from None
             view = view[n:]
             offset += n
-
-    def can_write(self, next: Context, h: Handle) -> bool:
-        return False
-
-    def can_multi_conn(self, next: Context, h: Handle) -> bool:
-        return True
-
-    def can_extents(self, next: Context, h: Handle) -> bool:
-        return False
-
-    def can_cache(self, next: Context, h: Handle) -> CacheMode:
-        return CacheMode.EMULATE
 
     def export_description(self, next: Context, h: Handle) -> bytes | None:
         base = next.export_description()

@@ -16,14 +16,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from luanbd import log
-from luanbd.backend.chain import Backend, Context
+from luanbd.backend.chain import Context
 from luanbd.backend.interface import (
-    CacheMode,
     Handle,
     PluginError,
     StartupError,
     ThreadModel,
 )
+from luanbd.filters.image import DecodedImage
 from luanbd.filters.params import parse_number, size_parameter
 from luanbd.filters.xzindex import XzError, XzFile
 
@@ -38,7 +38,7 @@ class _Conn:
         self.misses = 0
 
 
-class Filter(Backend):
+class Filter(DecodedImage):
     name = "xz"
     config_help = (
         "xz-max-block=<SIZE> (optional) Maximum block size allowed (default: 512M)\n"
@@ -97,18 +97,6 @@ class Filter(Backend):
     def get_size(self, next: Context, h: Handle) -> int:
         size: int = h.xz.size
         return size
-
-    def can_write(self, next: Context, h: Handle) -> bool:
-        return False
-
-    def can_multi_conn(self, next: Context, h: Handle) -> bool:
-        return True
-
-    def can_extents(self, next: Context, h: Handle) -> bool:
-        return False
-
-    def can_cache(self, next: Context, h: Handle) -> CacheMode:
-        return CacheMode.EMULATE
 
     def _block(self, next: Context, h: _Conn, offset: int) -> tuple[int, bytes]:
         """The start and data of the block holding ``offset``, from the cache or decoded."""
