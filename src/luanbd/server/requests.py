@@ -98,12 +98,8 @@ class RequestHandler:
                 if req.data is not None:
                     ctx.pwrite(req.data, req.offset, False)
                     return simple_reply(req.cookie)
-            except (FastZeroRefused, LoggedError) as err:  # as in _run: logged already
-                log.debug(str(err))
-                return self._error_reply(req, self._failed(req, err.errno))
             except PluginError as err:
-                log.error(str(err))
-                return self._error_reply(req, self._failed(req, err.errno))
+                return self._error_reply(req, self._plugin_failed(req, err))
         result, code = self._run(req)
         if code:
             return self._error_reply(req, code)
@@ -141,12 +137,8 @@ class RequestHandler:
         req = Request(_READ if is_read else _WRITE, 0, cookie, offset, count, None)
         try:
             data = plugin.fastpath_result(is_read, res, count)
-        except (FastZeroRefused, LoggedError) as err:  # as in _run: logged already
-            log.debug(str(err))
-            return self._error_reply(req, self._failed(req, err.errno))
         except PluginError as err:
-            log.error(str(err))
-            return self._error_reply(req, self._failed(req, err.errno))
+            return self._error_reply(req, self._plugin_failed(req, err))
         if not is_read:
             return simple_reply(cookie)
         assert data is not None
@@ -188,12 +180,17 @@ class RequestHandler:
         except RequestError as err:
             log.error(f"invalid request: {err}")
             return self._failed(req, err.errno)
-        except (FastZeroRefused, LoggedError) as err:
-            log.debug(str(err))
-            return self._failed(req, err.errno)
         except PluginError as err:
+            return self._plugin_failed(req, err)
+
+    def _plugin_failed(self, req: Request, err: PluginError) -> tuple[None, int]:
+        """A layer's failure: one error line, except for a refused fast zero (the protocol
+        at work) and a LoggedError (its filter logged it already), which are debug lines."""
+        if isinstance(err, FastZeroRefused | LoggedError):
+            log.debug(str(err))
+        else:
             log.error(str(err))
-            return self._failed(req, err.errno)
+        return self._failed(req, err.errno)
 
     def _failed(self, req: Request, code: int) -> tuple[None, int]:
         """With -v, a failed request is also logged with its connection and errno (the
