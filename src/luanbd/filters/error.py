@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from luanbd import log
 from luanbd.backend.chain import Backend, Context
+from luanbd.backend.helpers import absolute_path
 from luanbd.backend.interface import Handle, PluginError, StartupError
 
 #: The errors the filter may inject (the NBD protocol has only a few).
@@ -105,10 +106,10 @@ class Filter(Backend):
             # nbdkit_absolute_path: the trigger file need not exist yet.  An empty name is
             # an error nbdkit logs and goes on from, without a trigger file.
             path: str | None = None
-            if not value:
-                log.error("cannot convert null or empty path to an absolute path")
-            else:
-                path = value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
+            try:
+                path = absolute_path(value)
+            except ValueError as err:
+                log.error(str(err))
             for c in calls:
                 self.settings[c].file = path
         else:

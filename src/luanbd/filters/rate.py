@@ -5,7 +5,6 @@ changed while serving by files read before each request (``rate-file=``,
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from collections.abc import Callable
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_size
+from luanbd.backend.helpers import absolute_path, parse_size
 from luanbd.backend.interface import Handle, StartupError
 from luanbd.filters.error import _FLOAT, _c_double
 from luanbd.filters.params import size_parameter
@@ -88,10 +87,11 @@ def _read_rate(path: str | None, bucket: Bucket) -> None:
 
 
 def _absolute(value: str) -> str:
-    """nbdkit_absolute_path."""
-    if not value:
-        raise StartupError("cannot convert null or empty path to an absolute path")
-    return value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
+    """nbdkit_absolute_path, a start-up error when it fails."""
+    try:
+        return absolute_path(value)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
 
 
 class _Conn:
