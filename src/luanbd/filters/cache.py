@@ -37,8 +37,8 @@ from luanbd.backend.interface import (
 )
 from luanbd.filters import blockfile
 from luanbd.filters.blockfile import file_pread, file_pwrite, plugin_blocks
-from luanbd.filters.cow import LARGE_TMPDIR, bool_parameter
-from luanbd.filters.params import size_parameter
+from luanbd.filters.cow import LARGE_TMPDIR
+from luanbd.filters.params import bool_parameter, size_parameter
 from luanbd.filters.partition import parse_unsigned
 
 NOT_CACHED = 0

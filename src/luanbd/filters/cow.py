@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable
 
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     EXTENT_HOLE,
     EXTENT_ZERO,
@@ -35,7 +34,7 @@ from luanbd.backend.interface import (
 from luanbd.filters import blockfile
 from luanbd.filters.blockfile import failed as _failed
 from luanbd.filters.blockfile import file_pread, file_pwrite, plugin_blocks
-from luanbd.filters.params import size_parameter
+from luanbd.filters.params import bool_parameter, size_parameter
 
 #: Block states in the bitmap (nbdkit blk.c's).
 NOT_ALLOCATED = 0
@@ -45,13 +44,6 @@ TRIMMED = 3
 #: Where the overlay goes without $TMPDIR (nbdkit's LARGE_TMPDIR).
 LARGE_TMPDIR = "/var/tmp"
 
-
-def bool_parameter(value: str) -> bool:
-    """nbdkit_parse_bool for a filter's parameter: a start-up error in nbdkit's words."""
-    try:
-        return parse_bool(value)
-    except ValueError as err:
-        raise StartupError(str(err)) from None
 
 
 class Overlay:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     FLAG_FAST_ZERO,
     FastZeroRefused,
@@ -19,7 +18,7 @@ from luanbd.backend.interface import (
     PluginError,
     StartupError,
 )
-from luanbd.filters.params import parse_number
+from luanbd.filters.params import bool_parameter, parse_number
 
 _UINT_MAX = (1 << 32) - 1
 _ULONG_MAX = (1 << 64) - 1
@@ -87,10 +86,7 @@ class Filter(Backend):
             # Historically wdelay sets every write-related delay.
             self.ms["write"] = self.ms["zero"] = self.ms["trim"] = parse_delay_ms(key, value)
         elif key == "delay-fast-zero":
-            try:
-                self.fast_zero = parse_bool(value)
-            except ValueError as err:
-                raise StartupError(str(err)) from None
+            self.fast_zero = bool_parameter(value)
         else:
             next(key, value)
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import Handle, PluginError, StartupError
+from luanbd.filters.params import bool_parameter
 
 _LIST_MODES = {"keep": "keep", "error": "error", "empty": "empty", "defaultonly": "default",
                "default-only": "default", "explicit": "explicit"}
@@ -46,10 +46,7 @@ class Filter(Backend):
                 raise StartupError(f"unrecognized exportname-list mode: {value}")
             self.list = _LIST_MODES[value]
         elif key in ("exportname-strict", "exportname_strict"):
-            try:
-                self.strict = parse_bool(value)
-            except ValueError as err:
-                raise StartupError(str(err)) from None
+            self.strict = bool_parameter(value)
         elif key == "exportname":
             self.exports.append(value.encode())
         elif key == "exportdesc":

@@ -18,7 +18,6 @@ from typing import IO, Any
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.context import clip_extents
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     EXTENT_HOLE,
     EXTENT_ZERO,
@@ -31,6 +30,7 @@ from luanbd.backend.interface import (
     StartupError,
 )
 from luanbd.filters.emulate import fua_above, with_fua, zero_or_emulate
+from luanbd.filters.params import bool_parameter
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_=,:/")
 
@@ -137,10 +137,7 @@ class Filter(Backend):
         if key == "logfile":
             self.logfilename = value
         elif key == "logappend":
-            try:
-                self.append = parse_bool(value)
-            except ValueError as e:
-                raise StartupError(str(e)) from None
+            self.append = bool_parameter(value)
         elif key == "logscript":
             self.logscript = value
         else:

@@ -20,7 +20,7 @@ from luanbd.backend.interface import (
     ThreadModel,
 )
 from luanbd.filters.emulate import fua_above, with_fua
-from luanbd.filters.retry import bool_parameter
+from luanbd.filters.params import bool_parameter
 
 
 class Mode(enum.Enum):

@@ -1,11 +1,12 @@
 """Filter parameters parsed as nbdkit's helpers parse them (nbdkit_parse_size,
-nbdkit_parse_unsigned, nbdkit_parse_uint64_t), with nbdkit's messages as start-up errors."""
+nbdkit_parse_bool, nbdkit_parse_unsigned, nbdkit_parse_uint64_t), with nbdkit's messages as
+start-up errors."""
 
 from __future__ import annotations
 
 import re
 
-from luanbd.backend.helpers import parse_size
+from luanbd.backend.helpers import parse_bool, parse_size
 from luanbd.backend.interface import StartupError
 
 UINT_MAX = (1 << 32) - 1
@@ -18,6 +19,14 @@ def size_parameter(key: str, value: str) -> int:
     """nbdkit_parse_size."""
     try:
         return parse_size(value)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
+
+
+def bool_parameter(value: str) -> bool:
+    """nbdkit_parse_bool."""
+    try:
+        return parse_bool(value)
     except ValueError as err:
         raise StartupError(str(err)) from None
 

@@ -11,7 +11,6 @@ from typing import TypeVar
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import (
     FLAG_FAST_ZERO,
     FLAG_FUA,
@@ -26,17 +25,10 @@ from luanbd.backend.interface import (
     ZeroMode,
 )
 from luanbd.filters.emulate import fua_above, with_fua
-from luanbd.filters.params import parse_number
+from luanbd.filters.params import bool_parameter, parse_number
 
 T = TypeVar("T")
 
-
-def bool_parameter(value: str) -> bool:
-    """nbdkit_parse_bool, its message a start-up error."""
-    try:
-        return parse_bool(value)
-    except ValueError as err:
-        raise StartupError(str(err)) from None
 
 
 class _Conn:

@@ -19,8 +19,7 @@ from luanbd.backend.interface import (
     StartupError,
 )
 from luanbd.filters.emulate import fua_above, with_fua
-from luanbd.filters.params import parse_number
-from luanbd.filters.retry import bool_parameter
+from luanbd.filters.params import bool_parameter, parse_number
 
 T = TypeVar("T")
 

@@ -13,9 +13,8 @@ from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import CacheMode, Handle, PluginError, StartupError, ThreadModel
-from luanbd.filters.params import size_parameter
+from luanbd.filters.params import bool_parameter, size_parameter
 from luanbd.filters.readahead import background_cache
-from luanbd.filters.retry import bool_parameter
 
 
 class _Conn:

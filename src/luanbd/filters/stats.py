@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import IO
 
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_bool
 from luanbd.backend.interface import FuaMode, Handle, StartupError
 from luanbd.backend.password import parse_int
 from luanbd.filters.emulate import fua_above, with_fua, zero_or_emulate
+from luanbd.filters.params import bool_parameter
 
 KiB = 1024
 MiB = KiB * KiB
@@ -90,10 +90,7 @@ class Filter(Backend):
         if key == "statsfile":
             self.filename = os.path.abspath(value)
         elif key == "statsappend":
-            try:
-                self.append = parse_bool(value)
-            except ValueError as e:
-                raise StartupError(str(e)) from None
+            self.append = bool_parameter(value)
         elif key == "statsthreshold":
             ival = parse_int("printing threshold", value)
             if not 0 <= ival <= 100:
