@@ -425,6 +425,7 @@ def block_sizes(h: Any) -> list[int]:
     ("1,512,65536", [1, 512, 65536]),
     ("4096,65536,33554432", [4096, 65536, 33554432]),
     ("0,0,0", [0, 0, 0]),
+    ("512,4096,-1", [512, 4096, 4294967295]),  # nbdkit's (uint32_t)-1
 ])
 def test_block_size(servers: Servers, value: str | None, want: list[int]) -> None:
     params = () if value is None else (f"block_size={value}",)
@@ -433,13 +434,33 @@ def test_block_size(servers: Servers, value: str | None, want: list[int]) -> Non
         assert sizes == want, server
 
 
-@pytest.mark.parametrize("value", ["3,512,1024", "4096,512,65536", "512,4096,1000",
-                                   "131072,131072,131072"])
+#: Each breaks one of nbdkit's rules (server/plugins.c checks them in this order), and a few
+#: break two, where the first one named is the one reported.
+BAD_BLOCK_SIZES = [
+    "0,4096,65536", "131072,131072,131072", "0,0,65536",   # minimum between 1 and 64K
+    "3,512,1024",                                          # minimum a power of 2
+    "512,3000,65536", "512,0,65536",                       # preferred a power of 2
+    "512,256,65536", "512,67108864,67108864",              # preferred between 512 and 32M
+    "512,4096,1000", "4096,8192,12289", "512,4096,256",    # maximum -1 or a multiple
+    "4096,512,65536", "512,4096,0",                        # minimum <= preferred <= maximum
+]
+
+
+@pytest.mark.parametrize("value", BAD_BLOCK_SIZES)
 def test_bad_block_size_refuses_the_export(servers: Servers, value: str) -> None:
+    """Refused by both, with the same words for the rule that was broken."""
     for server in SERVERS:
         with pytest.raises(nbd.Error):
             servers.connect(matrix(server), f"block_size={value}", server=server)
-    assert "block_size: invalid block size constraints" in servers.stderr("luanbd")
+    ours = [line for line in servers.stderr("luanbd").splitlines() if "block_size" in line]
+    assert len(ours) == 1, ours
+    minimum, preferred, maximum = value.split(",")
+    assert ours[0].endswith(f"(minimum={minimum} preferred={preferred} maximum={maximum})")
+    if "nbdkit" in SERVERS:
+        theirs = [line.split("error: ", 1)[1] for line in servers.stderr("nbdkit").splitlines()
+                  if "plugin must set" in line]
+        assert len(theirs) == 1, servers.stderr("nbdkit")
+        assert f"block_size: {theirs[0]} (" in ours[0], (ours, theirs)
 
 
 def names(h: Any) -> list[Any]:

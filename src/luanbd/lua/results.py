@@ -105,15 +105,35 @@ def block_size(results: tuple[Any, ...], g: Any) -> tuple[int, int, int] | None:
     minimum, preferred, maximum = (integer("block_size", v, g) for v in results)
     if (minimum, preferred, maximum) == (0, 0, 0):
         return None
-    if not (_pow2(minimum) and 1 <= minimum <= 65536 and _pow2(preferred)
-            and 512 <= preferred <= 32 * 1024 * 1024 and minimum <= preferred <= maximum
-            # maximum is 32 bits on the wire (NBD_INFO_BLOCK_SIZE): 2^33 used to pass here
-            # and fail as an internal error while the option reply was packed
-            and maximum <= 0xFFFFFFFF
-            and (maximum == 0xFFFFFFFF or maximum % minimum == 0)):
-        raise PluginError("block_size", f"invalid block size constraints: minimum="
-                                        f"{minimum} preferred={preferred} maximum={maximum}")
+    if maximum == -1:  # nbdkit's (uint32_t)-1: no maximum beyond the protocol's
+        maximum = 0xFFFFFFFF
+    problem = block_size_problem(minimum, preferred, maximum)
+    if problem is not None:
+        raise PluginError("block_size", f"plugin must set {problem} (minimum={minimum} "
+                                        f"preferred={preferred} maximum={maximum})")
     return minimum, preferred, maximum
+
+
+def block_size_problem(minimum: int, preferred: int, maximum: int) -> str | None:
+    """What is wrong with a block_size answer that is not (0, 0, 0), in nbdkit's order and
+    words (server/plugins.c), or None.  Lua integers are 64 bits where nbdkit's are 32: a
+    negative value or a maximum of 2^32 or more is refused too (2^33 used to pass here and
+    fail as an internal error while NBD_INFO_BLOCK_SIZE was packed)."""
+    if not 1 <= minimum <= 65536:
+        return "minimum block size between 1 and 64K"
+    if not _pow2(minimum):
+        return "minimum block size to a power of 2"
+    if not _pow2(preferred):
+        return "preferred block size to a power of 2"
+    if not 512 <= preferred <= 32 * 1024 * 1024:
+        return "preferred block size between 512 and 32M"
+    if not 0 <= maximum <= 0xFFFFFFFF:
+        return "maximum block size to -1 or a value below 2^32"
+    if maximum != 0xFFFFFFFF and maximum % minimum != 0:
+        return "maximum block size to -1 or a multiple of minimum block size"
+    if not minimum <= preferred <= maximum:
+        return "minimum block size <= preferred <= maximum"
+    return None
 
 
 def extents(value: Any, lua_type: Callable[[Any], str], g: Any) -> list[tuple[int, int, int]]:
