@@ -25,6 +25,7 @@ from luanbd.backend.interface import (
     FastZeroRefused,
     FuaMode,
     Handle,
+    PayloadBuffers,
     Plugin,
     PluginError,
     ThreadModel,
@@ -477,6 +478,14 @@ class Chain:
             return None
         plugin = self.plugin
         return plugin if isinstance(plugin, CompiledCalls) else None
+
+    def payload_buffers(self) -> PayloadBuffers | None:
+        """The plugin, when it can hold big WRITE payloads itself (PayloadBuffers) and every
+        filter hands WRITEs to it untouched (what reaches its pwrite is what it made)."""
+        if not all(f.passes_plain_requests() for f in self.filters):
+            return None
+        plugin = self.plugin
+        return plugin if isinstance(plugin, PayloadBuffers) else None
 
     def cleanup(self) -> None:
         for f in self.filters:

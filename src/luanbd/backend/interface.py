@@ -132,6 +132,17 @@ class Plugin(Protocol):
 
 
 @runtime_checkable
+class PayloadBuffers(Protocol):
+    """A plugin that can give a big WRITE payload its final home before it is received, so
+    that the payload is never copied (the Lua plugin: a new Lua string)."""
+
+    def payload_buffer(self, size: int) -> tuple[bytes, memoryview] | None:
+        """(the payload its pwrite will be given, a writable view of its ``size`` bytes),
+        or None for an ordinary ``bytes``.  Called under the request lock."""
+        ...
+
+
+@runtime_checkable
 class CompiledCalls(Protocol):
     """A plugin whose plain small READ/WRITE the compiled request loop (server/_fastpath.c)
     may call without the Python layers in between (the Lua plugin is one)."""

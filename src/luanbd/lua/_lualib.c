@@ -25,14 +25,24 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Lua 5.4's C API as far as it is used here (lua.h, lauxlib.h). */
 typedef struct lua_State lua_State;
 typedef long long lua_Integer;
 typedef double lua_Number;
+typedef int (*lua_CFunction)(lua_State *);
+
+/* lauxlib.h's luaL_Stream: the userdata of a Lua file handle ("FILE*"). */
+typedef struct luaL_Stream {
+    FILE *f;
+    lua_CFunction closef;  /* NULL: a closed file */
+} luaL_Stream;
 
 #define LUA_TNIL 0
+#define LUA_TNUMBER 3
 #define LUA_TSTRING 4
 #define LUA_TTABLE 5
 
@@ -66,6 +76,7 @@ static struct {
     int (*isstring)(lua_State *, int);
     void (*settop)(lua_State *, int);
     void (*pushstring)(lua_State *, const char *);
+    const char *(*pushlstring)(lua_State *, const char *, size_t);
     void (*pushinteger)(lua_State *, lua_Integer);
     lua_Integer (*len)(lua_State *, int);
     const char *(*optlstring)(lua_State *, int, const char *, size_t *);
@@ -78,9 +89,23 @@ static struct {
     void (*addvalue)(luaL_Buffer *);
     void (*pushresult)(luaL_Buffer *);
     void (*pushresultsize)(luaL_Buffer *, size_t);
+    int (*gettop)(lua_State *);
+    int (*isinteger)(lua_State *, int);
+    lua_Integer (*tointegerx)(lua_State *, int, int *);
+    void *(*testudata)(lua_State *, int, const char *);
+    lua_CFunction (*tocfunction)(lua_State *, int);
+    void (*pushnil)(lua_State *);
+    void (*rotate)(lua_State *, int, int);
+    int (*fileresult)(lua_State *, int, const char *);
 } api;
 
 static int bound = 0;
+
+/* luanbd_blank_string's source: address space that is never written, so every page of it
+ * reads as the kernel's one zero page (no memory of its own, and cache-hot).  Mapped once
+ * in bind(); BLANK_MAX is the largest request payload (MAX_REQUEST_SIZE). */
+#define BLANK_MAX (64 * 1024 * 1024)
+static const char *blank = NULL;
 
 #define pop(L, n) api.settop(L, -(n) - 1)
 
@@ -195,6 +220,79 @@ __attribute__((visibility("default"))) int luanbd_lualib_probe(lua_State *L)
     return 2;
 }
 
+/* A new string of n bytes (zeros) for a WRITE payload to be received into (lua/pinning.py):
+ * lua_pushlstring is the only way to a string of a given size that allocates just the
+ * string.  string.rep and luaL_Buffer build it in a buffer first and copy that, which
+ * holds twice the payload for a moment. */
+__attribute__((visibility("default"))) int luanbd_blank_string(lua_State *L)
+{
+    lua_Integer n = api.optinteger(L, 1, 0);
+    if (n < 0 || n > BLANK_MAX || blank == NULL)
+        return api.error(L, "blank string of %I bytes: out of range", n);
+    api.pushlstring(L, blank, (size_t)n);
+    return 1;
+}
+
+/* file:read(n) for a big n, straight into the string it returns.
+ *
+ * Lua's read_chars (liolib.c) reads into a luaL_Buffer and then copies that into the
+ * string: a 64 MiB read holds 128 MiB for a moment and copies 64 MiB, on the thread that
+ * runs the script.  This one reads into a new string of n bytes (luanbd_blank_string's way
+ * of making it, before any Lua code sees it) and copies only at the end of the file, when
+ * fewer bytes came.  Every other call -- any other format, more arguments, a small count, a
+ * closed file, not a file -- is Lua's own read, called with this very stack, so results and
+ * errors are Lua's. */
+#define READ_DIRECT_MIN (64 * 1024)
+static lua_CFunction lua_read = NULL;
+
+__attribute__((visibility("default"))) int luanbd_file_read(lua_State *L)
+{
+    luaL_Stream *stream;
+    lua_Integer n;
+    char *s;
+    size_t got;
+    int isnum = 0;
+
+    if (api.gettop(L) != 2 || api.type(L, 2) != LUA_TNUMBER || !api.isinteger(L, 2)
+        || blank == NULL)
+        return lua_read(L);
+    n = api.tointegerx(L, 2, &isnum);
+    stream = api.testudata(L, 1, "FILE*");
+    if (!isnum || n < READ_DIRECT_MIN || n > BLANK_MAX || stream == NULL
+        || stream->closef == NULL)
+        return lua_read(L);
+    clearerr(stream->f);
+    api.pushlstring(L, blank, (size_t)n);
+    s = (char *)api.tolstring(L, -1, NULL);
+    got = fread(s, 1, (size_t)n, stream->f);
+    if (ferror(stream->f)) {
+        pop(L, 1);
+        return api.fileresult(L, 0, NULL);
+    }
+    if (got == 0) {  /* end of file: fail, as read_chars does */
+        pop(L, 1);
+        api.pushnil(L);
+        return 1;
+    }
+    if (got < (size_t)n) {  /* the file ended: a string of what there was */
+        api.pushlstring(L, s, got);
+        api.rotate(L, -2, 1);
+        pop(L, 1);
+    }
+    return 1;
+}
+
+/* install(original read): remember Lua's own file:read, which luanbd_file_read calls for
+ * everything it does not do itself (the same function in every state of this library). */
+__attribute__((visibility("default"))) int luanbd_file_read_install(lua_State *L)
+{
+    lua_CFunction original = api.tocfunction(L, 1);
+    if (original == NULL || original == luanbd_file_read)
+        return api.error(L, "luanbd_file_read_install: not Lua's file:read");
+    lua_read = original;
+    return 0;
+}
+
 static PyObject *bind(PyObject *self, PyObject *arg)
 {
     const char *path = PyUnicode_AsUTF8(arg);
@@ -225,6 +323,7 @@ static PyObject *bind(PyObject *self, PyObject *arg)
     FIND(isstring, "lua_isstring");
     FIND(settop, "lua_settop");
     FIND(pushstring, "lua_pushstring");
+    FIND(pushlstring, "lua_pushlstring");
     FIND(pushinteger, "lua_pushinteger");
     FIND(len, "luaL_len");
     FIND(optlstring, "luaL_optlstring");
@@ -237,10 +336,24 @@ static PyObject *bind(PyObject *self, PyObject *arg)
     FIND(addvalue, "luaL_addvalue");
     FIND(pushresult, "luaL_pushresult");
     FIND(pushresultsize, "luaL_pushresultsize");
+    FIND(gettop, "lua_gettop");
+    FIND(isinteger, "lua_isinteger");
+    FIND(tointegerx, "lua_tointegerx");
+    FIND(testudata, "luaL_testudata");
+    FIND(tocfunction, "lua_tocfunction");
+    FIND(pushnil, "lua_pushnil");
+    FIND(rotate, "lua_rotate");
+    FIND(fileresult, "luaL_fileresult");
 #undef FIND
     /* lua_version ignores its argument in 5.4 (it took a state, not NULL, in 5.3). */
     if (api.version(NULL) != 504)
         goto missing;
+    if (blank == NULL) {
+        void *map = mmap(NULL, BLANK_MAX, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                         -1, 0);
+        if (map != MAP_FAILED)
+            blank = map;  /* else luanbd_blank_string fails, and payloads take the usual path */
+    }
     bound = 1;  /* the handle stays open: lupa's module is never unloaded */
     Py_RETURN_TRUE;
 missing:

@@ -1,11 +1,12 @@
 """Compiled versions of Lua standard library functions for the Lua 5.4 state.
 
 ``luanbd.lua._lualib`` (built by setup.py when a C compiler is there) holds a
-``table.concat`` that gives the same results and errors as Lua 5.4's, with one copy of the
-result less for the common case of a table of strings (see _lualib.c for why it matters).
-It is installed before the script loads, so a script's ``local concat = table.concat``
-gets it.  ``ServerConfig.lualib`` False (``LUANBD_LUALIB=0``) keeps Lua's own functions
-(to compare, or to rule it out); other Lua versions always keep theirs.
+``table.concat`` and a file ``read`` method that give the same results and errors as Lua
+5.4's, each with one copy of the result less in the common case (a table of strings; a big
+count of bytes), see _lualib.c for why it matters.  They are installed before the script
+loads, so a script's ``local concat = table.concat`` gets it.  ``ServerConfig.lualib``
+False (``LUANBD_LUALIB=0``) keeps Lua's own functions (to compare, or to rule it out);
+other Lua versions always keep theirs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,31 @@ def install(lua_globals: Any, lupa_module: ModuleType, enabled: bool = True) -> 
     if lua_size > our_size:
         return False
     lua_globals.table.concat = concat
+    _install_file_read(lua_globals, path)
     return True
+
+
+def _install_file_read(lua_globals: Any, path: bytes) -> None:
+    """Replace the ``read`` method of Lua file handles (io.open's) with _lualib.c's, which
+    reads a big count straight into its string and is Lua's own read for everything else."""
+    io, getmetatable = lua_globals.io, lua_globals.getmetatable
+    if io is None or getmetatable is None:
+        return
+    methods = getmetatable(io.stdout)[b"__index"]
+    install = lua_globals.package.loadlib(path, b"luanbd_file_read_install")
+    read = lua_globals.package.loadlib(path, b"luanbd_file_read")
+    if isinstance(install, tuple) or isinstance(read, tuple) or methods is None:
+        return
+    install(methods[b"read"])
+    methods[b"read"] = read
+
+
+def blank_string(lua_globals: Any) -> Any:
+    """Lua function ``blank(n)``: a new string of n zero bytes that costs only its own memory
+    (_lualib.c), for a WRITE payload to be received into; call only after install()."""
+    assert BUILT
+    fn = lua_globals.package.loadlib(_lualib.__file__.encode(), b"luanbd_blank_string")
+    return None if isinstance(fn, tuple) else fn
 
 
 def state(enabled: bool) -> str:

@@ -155,6 +155,22 @@ function control.pread_pinned(count, f, ...)
   return pin(count, call(f, ...))
 end
 
+-- A big WRITE payload is received straight into a new string pinned here (payload) and
+-- handed to the script by pwrite_pinned: lupa's copy of the bytes into a Lua string is
+-- saved, and only one copy of the payload exists.  It stays pinned while Python holds a
+-- view of it (unpin then, as for reads).  control.blank (set from Python when luanbd's C
+-- helpers are loaded) makes a string of n bytes.
+function control.payload(count)
+  local s = control.blank(count)
+  last_slot = last_slot + 1
+  pinned[last_slot] = s
+  return last_slot, format("%p", s)
+end
+
+function control.pwrite_pinned(slot, f, h, ...)
+  return call(f, h, pinned[slot], ...)
+end
+
 function control.unpin(...)
   for i = 1, select("#", ...) do pinned[(select(i, ...))] = nil end
 end

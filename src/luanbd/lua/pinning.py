@@ -43,6 +43,7 @@ def _pinned_type(size: int) -> Any:
     class Pinned(ctypes.c_char * size):  # type: ignore[misc]
         slot: int
         released: collections.deque[int]
+        owner: Pinning
 
         def __del__(self) -> None:
             # Any thread (the writer's, usually): only queue it; Lua is touched under
@@ -57,7 +58,11 @@ class Pinning:
 
     def __init__(self, control: Any) -> None:
         self.pread_pinned = control.pread_pinned
+        self.pwrite_pinned = control.pwrite_pinned
+        self._payload = control.payload
         self._unpin = control.unpin
+        #: WRITE payloads can be received into Lua strings (control.blank is set).
+        self.payloads = control.blank is not None
         self.released: collections.deque[int] = collections.deque()
         #: The size of each string pinned now, and their total.
         self._sizes: dict[int, int] = {}
@@ -65,12 +70,36 @@ class Pinning:
 
     def view(self, slot: int, where: bytes, size: int) -> memoryview:
         """The pinned string ``slot`` at address ``where`` (``%p`` text) as bytes."""
+        return self._array(slot, where, size).toreadonly()
+
+    def _array(self, slot: int, where: bytes, size: int) -> memoryview:
         array = _pinned_type(size).from_address(int(where, 16) + CONTENTS_OFFSET)
         array.slot = slot
         array.released = self.released
+        array.owner = self
         self._sizes[slot] = size
         self.pinned_bytes += size
-        return memoryview(array).cast("B").toreadonly()
+        return memoryview(array).cast("B")
+
+    def payload(self, size: int) -> tuple[memoryview, memoryview]:
+        """A new pinned Lua string of ``size`` bytes for a WRITE payload: (the payload, as
+        the request's read-only data; a writable view to receive it into).  Only its
+        receiver writes into it, before the script ever sees the string (pwrite_slot), and
+        a long string's hash is computed lazily, so Lua finds nothing changed."""
+        if self.released:
+            self.unpin_released()
+        slot, where = self._payload(size)
+        view = self._array(slot, where, size)
+        return view.toreadonly(), view
+
+    def pwrite_slot(self, data: object) -> int | None:
+        """The slot of ``data`` if it is a payload of this state's (payload), else None."""
+        if type(data) is not memoryview:
+            return None
+        array: Any = data.obj
+        if getattr(array, "owner", None) is self and len(data) == len(array):
+            return int(array.slot)
+        return None
 
     def unpin_released(self) -> None:
         """Give Lua back the strings whose replies are gone (call under the request lock)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 from luanbd.backend.interface import (
     FLAG_FAST_ZERO,
@@ -26,7 +26,7 @@ from luanbd.backend.interface import (
 )
 from luanbd.lua import results
 from luanbd.lua.pinning import PIN_MIN
-from luanbd.lua.results import pread_data
+from luanbd.lua.results import first, pread_data
 from luanbd.lua.script import BIG_REQUEST, CALLBACKS, MEMORY_CHECK, LuaScript
 
 __all__ = ["CALLBACKS", "LuaPlugin"]
@@ -235,14 +235,39 @@ class LuaPlugin(LuaScript):
     def pwrite(self, h: Handle, buf: bytes, offset: int, flags: int) -> None:
         if "pwrite" not in self.fn:
             raise PluginError("pwrite", "pwrite not implemented", errno.EROFS)
-        if len(buf) >= BIG_REQUEST:
+        pinning = self._pinning
+        # Payloads this big may be a Lua string already (payload_buffer).
+        slot = (pinning.pwrite_slot(buf) if pinning is not None and len(buf) >= PIN_MIN
+                else None)
+        if slot is None and len(buf) >= BIG_REQUEST:
             self.big_request(len(buf))
         if self._memory_limit and len(buf) > MEMORY_CHECK:
             self._reserve(len(buf))
-        if self.api_version == 1:
+        if slot is not None:
+            assert pinning is not None
+            fn = self.fn["pwrite"]
+            if self.api_version == 1:
+                first("pwrite", pinning.pwrite_pinned(slot, fn, h, offset))
+            else:
+                first("pwrite", pinning.pwrite_pinned(slot, fn, h, offset, flags))
+        elif self.api_version == 1:
             self.call("pwrite", h, buf, offset)
         else:
             self.call("pwrite", h, buf, offset, flags)
+
+    def payload_buffer(self, size: int) -> tuple[bytes, memoryview] | None:
+        """A big WRITE payload received straight into a new Lua string (lua/pinning.py)."""
+        pinning = self._pinning
+        if pinning is None or not pinning.payloads or "pwrite" not in self.fn:
+            return None
+        if size >= BIG_REQUEST:
+            self.big_request(size)  # before the string is made, as pwrite does for bytes
+        try:
+            data, view = pinning.payload(size)
+        except self._lupa.LuaError:  # no memory for it here: the usual path says so (ENOMEM)
+            return None
+        # Bytes-like: the request path only passes it down to pwrite above.
+        return cast(bytes, data), view
 
     def flush(self, h: Handle, flags: int) -> None:
         if "flush" in self.fn:

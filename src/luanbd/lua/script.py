@@ -96,6 +96,9 @@ class LuaScript:
         self._big_bytes = 0
         self._big_threshold = BIG_COLLECT
         self._call, self._control = nbdkit_table.install(self.runtime, self._load_string)
+        if self.lualib and not self._memory_limit:
+            # --lua-memory-limit keeps the usual path, which checks a payload's size first.
+            self._control.blank = lualib.blank_string(self.g)
         # Probed on the fresh state, before the script has allocated anything.
         self._pinning = Pinning.probe(self._control, self.lua_version)
         if gc is not None:

@@ -23,7 +23,7 @@ from luanbd.protocol.constants import Cmd
 from luanbd.protocol.errors import ProtocolViolation
 from luanbd.protocol.handshake import NEED_DATA, HandshakeConfig
 from luanbd.protocol.replies import Buffers
-from luanbd.protocol.transmission import Request, RequestParser, Session
+from luanbd.protocol.transmission import PayloadBuffer, Request, RequestParser, Session
 from luanbd.server import compiled
 from luanbd.server.negotiation import Negotiation
 from luanbd.server.requests import RequestHandler, StopFlag
@@ -146,7 +146,7 @@ class Connection:
     def _transmission(self, session: Session, trailing: bytes) -> None:
         extended = session.extended_headers
         parser = RequestParser(trailing, RECV_SIZE, extended=extended,
-                               payload_buffer=writable_bytes)
+                               payload_buffer=self._payload_buffer())
         assert self.negotiation is not None
         ctx = self.negotiation.ctx
         assert ctx is not None
@@ -211,6 +211,23 @@ class Connection:
         finally:
             if writer is not None:
                 writer.stop()
+
+    def _payload_buffer(self) -> PayloadBuffer | None:
+        """Where a big WRITE payload is received: into what the plugin makes for it when it
+        can (PayloadBuffers: no copy at all), else into a ``bytes`` (one copy, by the
+        plugin's own layer)."""
+        plugin = self.chain.payload_buffers()
+        ordinary = writable_bytes
+        if plugin is None or ordinary is None:
+            return ordinary
+        make, lock = plugin.payload_buffer, self.lock
+
+        def payload_buffer(size: int) -> tuple[bytes, memoryview]:
+            with lock:
+                made = make(size)
+            return made if made is not None else ordinary(size)
+
+        return payload_buffer
 
     def _send_batch(self, out: Buffers, size: int, writer: Writer | None) -> None:
         """Send ``out``: through the writer when it holds ``size`` >= WRITER_THRESHOLD bytes
