@@ -474,17 +474,12 @@ class Chain:
     def compiled_calls(self) -> CompiledCalls | None:
         """The plugin, when the compiled request loop may call it directly for plain
         READ/WRITE: every filter passes those untouched and the plugin offers the calls."""
-        if not all(f.passes_plain_requests() for f in self.filters):
-            return None
-        plugin = self.plugin
+        plugin = self.plugin if all(f.passes_plain_requests() for f in self.filters) else None
         return plugin if isinstance(plugin, CompiledCalls) else None
 
     def payload_buffers(self) -> PayloadBuffers | None:
-        """The plugin, when it can hold big WRITE payloads itself (PayloadBuffers) and every
-        filter hands WRITEs to it untouched (what reaches its pwrite is what it made)."""
-        if not all(f.passes_plain_requests() for f in self.filters):
-            return None
-        plugin = self.plugin
+        """The plugin, if it holds big WRITE payloads itself and no filter touches WRITEs."""
+        plugin = self.plugin if all(f.passes_plain_requests() for f in self.filters) else None
         return plugin if isinstance(plugin, PayloadBuffers) else None
 
     def cleanup(self) -> None:
