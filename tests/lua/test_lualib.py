@@ -18,7 +18,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -83,13 +82,18 @@ class Pair:
         return ours
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
+def make_pair() -> Pair:
+    """A state with Lua's own functions and one with luanbd's (also test_lualib_read.py)."""
     if not ServerConfig(script="").lualib:
         pytest.skip("LUANBD_LUALIB=0 in the environment")
     ours = new_runtime()
     assert lualib.install(ours.globals(), lupa54) is True
-    yield Pair(new_runtime(), ours)
+    return Pair(new_runtime(), ours)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Pair:
+    return make_pair()
 
 
 @dataclass(frozen=True)

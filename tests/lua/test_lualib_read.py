@@ -10,14 +10,12 @@ the outcomes (values, or the error's first line) must be equal and as expected.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_lualib import Pair, lupa54, new_runtime
+from test_lualib import Pair, make_pair
 
-from luanbd.config import ServerConfig
 from luanbd.lua import lualib
 
 pytestmark = pytest.mark.skipif(not lualib.BUILT, reason="luanbd.lua._lualib is not built")
@@ -29,12 +27,8 @@ DATA = os.urandom(SIZE)
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    if not ServerConfig(script="").lualib:
-        pytest.skip("LUANBD_LUALIB=0 in the environment")
-    ours = new_runtime()
-    assert lualib.install(ours.globals(), lupa54) is True
-    yield Pair(new_runtime(), ours)
+def pair() -> Pair:
+    return make_pair()
 
 
 @pytest.fixture(scope="module")
