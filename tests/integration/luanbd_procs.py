@@ -34,6 +34,16 @@ STOP_TIMEOUT = 20.0
 CLIENT_TIMEOUT = 60.0
 
 
+#: scripts/sanitize.sh runs the suite with ASan, whose allocator, shadow memory and quarantine
+#: stand in for glibc malloc's and count in RSS.
+SANITIZED = bool(os.environ.get("LUANBD_SANITIZED"))
+
+
+def not_sanitized(why: str) -> pytest.MarkDecorator:
+    """Skip a test that measures what ASan replaces."""
+    return pytest.mark.skipif(SANITIZED, reason=f"under ASan, {why}")
+
+
 def script(name: str) -> str:
     """Absolute path of one of this directory's Lua scripts."""
     path = SCRIPTS / name

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import resource
 import shutil
 import signal
@@ -48,6 +47,7 @@ from luanbd_procs import (
     assert_no_traceback,
     client_env,
     line_of,
+    not_sanitized,
     run_client,
     run_luanbd,
     script,
@@ -595,8 +595,7 @@ end
 HEADROOM = 256 * MiB
 
 
-@pytest.mark.skipif(bool(os.environ.get("LUANBD_SANITIZED")),
-                    reason="under ASan, RLIMIT_AS cannot bound a process that maps its shadow")
+@not_sanitized("RLIMIT_AS cannot bound a process that maps its shadow")
 @pytest.mark.timeout(60)
 def test_callback_out_of_memory(start_server: StartServer, workdir: Path) -> None:
     memhog = workdir / "memhog.lua"

@@ -11,14 +11,13 @@ after their connections had closed.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import nbd
 import pytest
-from luanbd_procs import StartServer
+from luanbd_procs import StartServer, not_sanitized
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = {
@@ -58,8 +57,7 @@ def client(uri: str, n: int, errors: list[BaseException]) -> None:
         errors.append(err)
 
 
-@pytest.mark.skipif(bool(os.environ.get("LUANBD_SANITIZED")),
-                    reason="under ASan, RSS counts its shadow memory and quarantine")
+@not_sanitized("RSS counts its shadow memory and quarantine")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("plugin", list(PLUGINS))
 def test_peak_rss_under_64_mib_requests(start_server: StartServer, workdir: Path,

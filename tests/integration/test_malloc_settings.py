@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from luanbd_procs import not_sanitized
 
 PROGRAM = r"""
 import ctypes, sys, threading
@@ -59,16 +60,14 @@ def heaps(env_malloc: str | None) -> tuple[str, int]:
     return first, xml.count("<heap nr=")
 
 
-@pytest.mark.skipif(bool(os.environ.get("LUANBD_SANITIZED")),
-                    reason="under ASan, malloc is ASan's allocator, not glibc's")
+@not_sanitized("malloc is ASan's allocator, not glibc's")
 def test_threads_share_one_arena() -> None:
     applied, count = heaps(None)
     assert applied == "applied=True"
     assert count == 1
 
 
-@pytest.mark.skipif(bool(os.environ.get("LUANBD_SANITIZED")),
-                    reason="under ASan, malloc is ASan's allocator, not glibc's")
+@not_sanitized("malloc is ASan's allocator, not glibc's")
 def test_luanbd_malloc_0_keeps_glibc_defaults() -> None:
     applied, count = heaps("0")
     assert applied == "applied=False"

@@ -15,7 +15,6 @@ messages. ``bench/connections.py`` takes the same measurements, and nbdkit's bes
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import socket
@@ -35,6 +34,7 @@ from luanbd_procs import (
     RawClient,
     Server,
     StartServer,
+    not_sanitized,
     run_client,
     script,
 )
@@ -332,8 +332,7 @@ def test_64_fio_jobs_verify_at_once(start_server: StartServer) -> None:
 
 # --- 1c: issue 4's memory target --------------------------------------------------------------
 
-@pytest.mark.skipif(bool(os.environ.get("LUANBD_SANITIZED")),
-                    reason="under ASan, RSS counts its shadow memory and quarantine")
+@not_sanitized("RSS counts its shadow memory and quarantine")
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("label", "script_path"), [
     ("serialize_all_requests (examples/ramdisk.lua)", RAMDISK),
