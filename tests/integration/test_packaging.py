@@ -15,12 +15,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from luanbd_procs import client_env
+from luanbd_procs import client_env, not_sanitized
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_PYTHON = "/usr/bin/python3"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# Under scripts/sanitize.sh, PYTHONPATH puts the sanitized tree ahead of the installed wheel,
+# so the wheel's own files would not be the ones tested.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+              not_sanitized("PYTHONPATH shadows the installed wheel")]
 
 
 def _run(*args: str | Path, cwd: Path | None = None,

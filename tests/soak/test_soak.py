@@ -1,5 +1,4 @@
-"""The soak run in the default suite: 30 seconds (CI's budget; the issue asked for 60 s, the
-whole suite must stay under 15 minutes), or ``LUANBD_SOAK_SECONDS`` seconds (the long run:
+"""The soak run in the default suite: 60 seconds, or ``LUANBD_SOAK_SECONDS`` seconds (the long run:
 ``python tests/soak/run.py --seconds 600``, or ``LUANBD_SOAK_SECONDS=600 pytest
 tests/soak``).  soak.py says which clients run; here the figures are checked.
 """
@@ -14,7 +13,7 @@ import pytest
 
 import soak
 
-SECONDS = float(os.environ.get("LUANBD_SOAK_SECONDS", "30"))
+SECONDS = float(os.environ.get("LUANBD_SOAK_SECONDS", "60"))
 MiB = 1 << 20
 #: RSS growth allowed from the start (once listening) to the end (the last client gone):
 #: glibc keeps up to 64 MiB of freed memory at the heap's top (M_TRIM_THRESHOLD, set by
