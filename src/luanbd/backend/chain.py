@@ -31,13 +31,13 @@ from luanbd.backend.interface import (
     ThreadModel,
     ZeroMode,
 )
+from luanbd.backend.meta import ContextMeta, LayerMeta, PluginContextMeta
 
-#: The most a zero emulated by the plugin layer writes per pwrite (as backend/context.py).
-_ZERO_CHUNK = 1024 * 1024
+_ZERO_CHUNK = 1024 * 1024  # the most an emulated zero writes per pwrite, as context.py
 _ZEROES = bytes(_ZERO_CHUNK)
 
 
-class Backend:
+class Backend(LayerMeta):
     """One filter layer; the defaults pass each call to ``next`` unchanged."""
 
     #: Shown in log lines (nbdkit's filter name).
@@ -165,7 +165,7 @@ class Backend:
         return next.extents(count, offset, flags)
 
 
-class Context:
+class Context(ContextMeta):
     """One layer's state for one connection (nbdkit ``struct context``): the layer, its
     handle, and the next layer's context.  Its methods are what a filter calls as ``next``."""
 
@@ -256,7 +256,7 @@ class Context:
         return self.backend.extents(self._next(), self.handle, count, offset, flags)
 
 
-class PluginContext(Context):
+class PluginContext(PluginContextMeta, Context):
     """The last layer's context: calls go straight to the plugin (one call less per
     request than going through :class:`PluginBackend`)."""
 

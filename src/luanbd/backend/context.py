@@ -266,6 +266,17 @@ class BackendContext:
         return clip_extents(raw, count, offset, req_one, self._caps.size,
                             max_descriptor=(1 << 64) - 1 if wide else MAX_DESCRIPTOR)
 
+    def meta_extents(self, context: bytes, count: int, offset: int, req_one: bool,
+                     wide: bool = False) -> list[tuple[int, int]]:
+        """Descriptors of another metadata context (backend/meta.py), validated as
+        base:allocation's are, except that every 32-bit flag value is the context's own."""
+        self._assert_range(count, offset)
+        with self.lock:
+            raw = self.top.meta_extents(context, count, offset, FLAG_REQ_ONE if req_one else 0)
+        return clip_extents(raw, count, offset, req_one, self._caps.size,
+                            max_descriptor=(1 << 64) - 1 if wide else MAX_DESCRIPTOR,
+                            flag_mask=None, callback="meta_extents")
+
     def _fua_native(self, fua: bool) -> bool:
         """Pass FUA down rather than flush after?  With filters, always: they see the
         client's flag, and the plugin layer emulates it (nbdkit plugins.c)."""
@@ -273,13 +284,17 @@ class BackendContext:
 
 
 def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_one: bool,
-                 size: int, *, max_descriptor: int = 0xFFFFF000) -> list[tuple[int, int]]:
+                 size: int, *, max_descriptor: int = 0xFFFFF000,
+                 flag_mask: int | None = EXTENT_HOLE | EXTENT_ZERO,
+                 callback: str = "extents") -> list[tuple[int, int]]:
     """Validate, merge and trim plugin extents as nbdkit's ``extents.c`` and ``protocol.c``.
 
     Extents must be ascending and contiguous; those wholly before ``offset`` are ignored and
     the first kept one must cover ``offset``.  Adjacent extents of one type merge (as
     nbdkit_add_extent does, also past offset+count), so the last descriptor may reach past
     the request, up to the end of the export; with REQ_ONE: one extent, at most ``count``.
+    base:allocation keeps only the HOLE and ZERO bits (as nbdkit); with ``flag_mask`` None
+    (another context) the flags must fit in 32 bits.
     """
     end = offset + count
     out: list[tuple[int, int]] = []
@@ -295,12 +310,17 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_o
             continue  # before the range
         if e_offset > (nxt if out else pos):
             what = "first extent" if not out else "extents"
-            raise PluginError("extents", f"{what} must be contiguous and cover the offset "
+            raise PluginError(callback, f"{what} must be contiguous and cover the offset "
                                          f"(expected {nxt if out else pos}, got {e_offset})")
         if e_offset < nxt and out:
-            raise PluginError("extents", "extents must be added in ascending order")
+            raise PluginError(callback, "extents must be added in ascending order")
         nxt = e_offset + e_length
-        kind = e_type & (EXTENT_HOLE | EXTENT_ZERO)
+        if flag_mask is not None:
+            kind = e_type & flag_mask
+        elif 0 <= e_type <= 0xFFFFFFFF:
+            kind = e_type
+        else:
+            raise PluginError(callback, f"extent flags {e_type} do not fit in 32 bits")
         length = e_end - pos
         if out and out[-1][1] == kind:
             out[-1] = (out[-1][0] + length, kind)
@@ -310,7 +330,7 @@ def clip_extents(raw: list[tuple[int, int, int]], count: int, offset: int, req_o
             out.append((length, kind))
         pos = e_end
     if not out:
-        raise PluginError("extents", "the plugin returned no extent covering the offset")
+        raise PluginError(callback, "the plugin returned no extent covering the offset")
     if req_one:
         return [(min(out[0][0], count), out[0][1])]
     # A descriptor length is 32 bits on the wire (64 with extended headers): stop at the

@@ -89,6 +89,8 @@ def _aligned_extents(raw: list[tuple[int, int, int]], start: int, end: int,
 
 class Filter(Backend):
     name = "blocksize"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ("minblock=<SIZE>      Minimum block size, power of 2 <= 64k (default 1).\n"
                    "maxdata=<SIZE>       Maximum size for read/write (default 64M).\n"
                    "maxlen=<SIZE>        Maximum size for trim/zero (default 4G-minblock).")

@@ -44,6 +44,8 @@ class _Sizes:
 
 class Filter(Backend):
     name = "blocksize-policy"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ("blocksize-minimum=<N>       Minimum block size to advertise.\n"
                    "blocksize-preferred=<N>     Preferred block size to advertise.\n"
                    "blocksize-maximum=<N>       Maximum block size to advertise.\n"

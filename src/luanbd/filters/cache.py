@@ -179,6 +179,8 @@ class _Blocks:
 
 class Filter(_Blocks, Backend):
     name = "cache"
+    #: Written blocks may wait in the cache: the plugin's other contexts would lag behind.
+    passes_meta_contexts = False
     config_help = ("cache=MODE                Set cache MODE, one of writeback (default),\n"
                    "                          writethrough, or unsafe.\n"
                    "cache-on-read=BOOL|/PATH  Set to true to cache on reads (default false).\n"

@@ -22,6 +22,8 @@ def _valid(got: list[tuple[int, int, int]], offset: int) -> bool:
 
 class Filter(Backend):
     name = "cacheextents"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ""
 
     def __init__(self) -> None:

@@ -60,6 +60,8 @@ def _sleep(ms: int, call: str) -> None:
 
 class Filter(Backend):
     name = "delay"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = (
         "rdelay=<NN>[ms]                Read delay in seconds/milliseconds.\n"
         "delay-read=<NN>[ms]            Read delay in seconds/milliseconds.\n"

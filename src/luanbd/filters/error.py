@@ -68,6 +68,8 @@ class _Settings:
 
 class Filter(Backend):
     name = "error"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = (
         "error=EPERM|EIO|ENOMEM|EINVAL|ENOSPC|ESHUTDOWN\n"
         "                               The error indication to return.\n"

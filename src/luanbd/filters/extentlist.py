@@ -89,6 +89,8 @@ def parse_extentlist(path: str) -> list[tuple[int, int, int]]:
 
 class Filter(Backend):
     name = "extentlist"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = "extentlist=<FILENAME> (required) The file containing the extent list."
 
     def __init__(self) -> None:

@@ -68,6 +68,8 @@ class _Conn:
 
 class Filter(Backend):
     name = "log"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ("logfile=<FILE>               The file to place the log in.\n"
                    "logappend=<BOOL>             True to append to the log (default false).\n"
                    "logscript=<SCRIPT>           Script to run for logging.")

@@ -22,6 +22,8 @@ from luanbd.backend.interface import CacheMode, FuaMode, Handle, ThreadModel, Ze
 
 class Filter(Backend):
     name = "openonce"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ""
 
     def __init__(self) -> None:

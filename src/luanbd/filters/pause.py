@@ -21,6 +21,8 @@ UNIX_PATH_MAX = 108
 
 class Filter(Backend):
     name = "pause"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = "pause-control=SOCKET           Control socket."
 
     def __init__(self) -> None:

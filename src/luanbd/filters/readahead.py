@@ -58,6 +58,8 @@ class _Conn:
 
 class Filter(Backend):
     name = "readahead"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
 
     def __init__(self) -> None:
         # The window is the server's, shared by every connection (as nbdkit's).

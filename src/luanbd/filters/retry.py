@@ -64,6 +64,8 @@ class _Final(Exception):
 
 class Filter(Backend):
     name = "retry"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = (
         "retries=<N>              Number of retries (default: 5).\n"
         "retry-delay=<N>          Seconds to wait before retry (default: 2).\n"

@@ -26,6 +26,8 @@ T = TypeVar("T")
 
 class Filter(Backend):
     name = "retry-request"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = (
         "retry-request-retries=<N> Number of retries (default: 2).\n"
         "retry-request-delay=<N>   Seconds to wait before retry (default: 2).\n"

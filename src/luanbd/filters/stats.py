@@ -73,6 +73,8 @@ class _Conn:
 
 class Filter(Backend):
     name = "stats"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = ("statsfile=<FILE>    (required) The file to place the log in.\n"
                    "statsappend=<BOOL>  True to append to the log (default false).")
 

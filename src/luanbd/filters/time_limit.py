@@ -32,6 +32,8 @@ class _Conn:
 
 class Filter(Backend):
     name = "time-limit"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = "time-limit=TIME          Set time limit for each connection (default 60s)."
 
     def __init__(self) -> None:

@@ -40,6 +40,8 @@ def _is_tls() -> bool:
 
 class Filter(Backend):
     name = "tls-fallback"
+    #: Offsets and data are the plugin's: its other metadata contexts stay true here.
+    passes_meta_contexts = True
     config_help = "tlsreadme=<MESSAGE>  Alternative contents for the plaintext dummy export."
 
     def __init__(self) -> None:

@@ -101,6 +101,10 @@ class LuaFilter(Backend):
         self._fn = self.s.fn
         self._next_control = self.s.next_control
         self._pending = self.s.pending
+        # The plugin's other metadata contexts reach the client through a script that
+        # leaves extents, size and data alone (backend/meta.py).
+        self.passes_meta_contexts = not any(
+            name in self._fn for name in ("extents", "can_extents", "get_size", "pwrite"))
         if "load" in self._fn:
             self._startup("load")
 

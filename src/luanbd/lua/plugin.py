@@ -298,6 +298,26 @@ class LuaPlugin(LuaScript):
         return results.extents(self.call("extents", h, count, offset, flags), self._lua_type,
                                self.g)
 
+    # --- metadata contexts beyond base:allocation (backend/meta.py) ----------------------
+    def meta_contexts(self) -> list[bytes]:
+        """The script's own contexts, asked once at start-up (after get_ready)."""
+        if "meta_contexts" not in self.fn:
+            return []
+        try:
+            names = results.context_names(self.call("meta_contexts"), self._lua_type)
+        except PluginError as err:
+            raise StartupError(str(err)) from None
+        if names and "meta_extents" not in self.fn:
+            raise StartupError(f"{self.script}: meta_contexts needs a meta_extents callback")
+        return names
+
+    def meta_extents(self, h: Handle, context: bytes, count: int, offset: int,
+                     flags: int) -> list[tuple[int, int, int]]:
+        if "meta_extents" not in self.fn:
+            raise PluginError("meta_extents", "meta_contexts without meta_extents")
+        return results.extents(self.call("meta_extents", h, context, count, offset, flags),
+                               self._lua_type, self.g, "meta_extents")
+
     def _flagged(self, name: str, flags: int, *args: Any) -> None:
         if self.api_version == 1:
             self.call(name, *args)

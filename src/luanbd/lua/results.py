@@ -136,27 +136,42 @@ def block_size_problem(minimum: int, preferred: int, maximum: int) -> str | None
     return None
 
 
-def extents(value: Any, lua_type: Callable[[Any], str], g: Any) -> list[tuple[int, int, int]]:
-    """An extents answer: a sequence of {offset, length, type} (or those named fields)."""
+def extents(value: Any, lua_type: Callable[[Any], str], g: Any,
+            name: str = "extents") -> list[tuple[int, int, int]]:
+    """An extents (or meta_extents) answer: a sequence of {offset, length, type} (or those
+    named fields)."""
     if lua_type(value) != "table":
-        raise PluginError("extents", "return value is not a table")
+        raise PluginError(name, "return value is not a table")
     out = []
     for i in range(1, len(value) + 1):
         item = value[i]
         if lua_type(item) != "table":
-            raise PluginError("extents", f"extent {i} is not a table")
+            raise PluginError(name, f"extent {i} is not a table")
         fields = [item[1], item[2], item[3]]
         if fields[0] is None:
             fields = [item[b"offset"], item[b"length"], item[b"type"]]
         if fields[2] is None:
             fields[2] = 0
         try:
-            e_offset, e_length, e_type = (integer("extents", v, g) for v in fields)
+            e_offset, e_length, e_type = (integer(name, v, g) for v in fields)
         except PluginError:
-            raise PluginError("extents", f"extent {i} must be {{offset, length, type}} "
+            raise PluginError(name, f"extent {i} must be {{offset, length, type}} "
                                          f"with integers") from None
         out.append((e_offset, e_length, e_type))
     return out
+
+
+def context_names(value: Any, lua_type: Callable[[Any], str]) -> list[bytes]:
+    """A meta_contexts answer: a sequence of context names."""
+    if lua_type(value) != "table":
+        raise PluginError("meta_contexts", "return value is not a table")
+    found = []
+    for i in range(1, len(value) + 1):
+        item = value[i]
+        if not isinstance(item, bytes):
+            raise PluginError("meta_contexts", f"item {i} is not a string")
+        found.append(item)
+    return found
 
 
 def pread_data(res: Any, count: int, g: Any) -> bytes | memoryview:

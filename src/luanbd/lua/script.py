@@ -30,7 +30,7 @@ CALLBACKS = (
     "open", "close", "export_description", "get_size", "block_size", "can_write",
     "can_flush", "is_rotational", "can_trim", "can_zero", "can_fast_zero", "can_extents",
     "can_fua", "can_multi_conn", "can_cache", "pread", "pwrite", "flush", "trim", "zero",
-    "cache", "extents",
+    "cache", "extents", "meta_contexts", "meta_extents",
 )
 #: The callbacks of the seed (API 1); others are ignored by API 1 scripts, as in nbdkit.
 SEED_CALLBACKS = frozenset({

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from luanbd.protocol.constants import (
-    BASE_ALLOCATION_ID,
+    BASE_ALLOCATION,
     CLIENT_FLAGS,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
@@ -47,10 +47,11 @@ from luanbd.protocol.events import (
     _NeedData,
 )
 from luanbd.protocol.meta_context import (
-    lists_base_allocation,
+    Selected,
+    listed_contexts,
     meta_context_replies,
     parse_meta_context_request,
-    selects_base_allocation,
+    selected_contexts,
 )
 from luanbd.protocol.option_reader import OptionReader
 from luanbd.protocol.options import (
@@ -130,6 +131,8 @@ class HandshakeConfig:
     #: False refuses meta context negotiation (nbdkit ``--no-mc``).
     meta_contexts: bool = True
     tls: TlsMode = TlsMode.OFF
+    #: The metadata contexts served, base:allocation first (the chain may add more).
+    meta_context_names: tuple[bytes, ...] = (BASE_ALLOCATION,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,8 @@ class Negotiated:
     trailing_data: bytes = field(repr=False, default=b"")
     #: NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests, extended replies only.
     extended_headers: bool = False
+    #: Every selected context, (id, name), base:allocation included.
+    meta_contexts: Selected = ()
 
 
 def newstyle_greeting(flags: HandshakeFlag) -> bytes:
@@ -204,7 +209,7 @@ class ServerHandshake:
         self.extended_headers = False
         self._listed = False
         self._meta_export: bytes | None = None
-        self._meta_selected = False
+        self._meta_selected: Selected = ()
 
     # --- I/O-facing API ---------------------------------------------------------------
     @property
@@ -326,16 +331,19 @@ class ServerHandshake:
     def _finish(self, export_name: bytes, size: int, flags: TransmissionFlag) -> None:
         if self._meta_export is not None and self._meta_export != export_name:
             # Contexts were negotiated for another export: they do not apply to this one.
-            self._meta_selected = False
+            self._meta_selected = ()
         self._state = _State.TRANSMISSION
+        base_id = next((cid for cid, name in self._meta_selected if name == BASE_ALLOCATION),
+                       None)
         self.negotiated = Negotiated(
             export_name=export_name,
             size=size,
             flags=flags,
             structured_replies=self.structured_replies,
-            base_allocation_id=BASE_ALLOCATION_ID if self._meta_selected else None,
+            base_allocation_id=base_id,
             trailing_data=bytes(self._buffer),
             extended_headers=self.extended_headers,
+            meta_contexts=self._meta_selected,
         )
         self._buffer.clear()
 
@@ -440,20 +448,20 @@ class ServerHandshake:
     def _opt_list_meta_context(self, payload: bytes) -> HandshakeEvent | None:
         _, queries = self._meta_queries(Opt.LIST_META_CONTEXT, payload)
         # Ids are only assigned by SET: LIST sends 0.
-        context_id = 0 if lists_base_allocation(queries) else None
-        self._outbox.append(meta_context_replies(Opt.LIST_META_CONTEXT, context_id))
+        listed = listed_contexts(self.config.meta_context_names, queries)
+        self._outbox.append(meta_context_replies(Opt.LIST_META_CONTEXT,
+                                                 tuple((0, name) for name in listed)))
         return None
 
     def _opt_set_meta_context(self, payload: bytes) -> HandshakeEvent | None:
         # Even a refused SET replaces the selection: the client cannot assume that an
         # earlier selection survives a failed one.
-        self._meta_selected = False
+        self._meta_selected = ()
         name, queries = self._meta_queries(Opt.SET_META_CONTEXT, payload)
         # Each SET replaces the previous selection; unknown contexts are ignored (proto.md).
         self._meta_export = name
-        self._meta_selected = selects_base_allocation(queries)
-        context_id = BASE_ALLOCATION_ID if self._meta_selected else None
-        self._outbox.append(meta_context_replies(Opt.SET_META_CONTEXT, context_id))
+        self._meta_selected = selected_contexts(self.config.meta_context_names, queries)
+        self._outbox.append(meta_context_replies(Opt.SET_META_CONTEXT, self._meta_selected))
         return None
 
     _dispatch = {

@@ -1,13 +1,14 @@
 """Metadata contexts in negotiation, without state (proto.md "Metadata querying"): the
 NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT payload, which contexts a query names,
-and the NBD_REP_META_CONTEXT replies.  The one context served is base:allocation.
+and the NBD_REP_META_CONTEXT replies.  The contexts served are base:allocation and those the
+backend chain declares (a Lua script's ``meta_contexts``, a filter's), fixed at start-up.
 """
 
 from __future__ import annotations
 
 import struct
 
-from luanbd.protocol.constants import BASE_ALLOCATION, MAX_STRING, Opt, Rep
+from luanbd.protocol.constants import MAX_STRING, Opt, Rep
 from luanbd.protocol.errors import OptionError
 from luanbd.protocol.options import check_export_name, option_reply
 
@@ -42,22 +43,45 @@ def parse_meta_context_request(opt: Opt, payload: bytes) -> tuple[bytes, list[by
     return name, queries
 
 
-def lists_base_allocation(queries: list[bytes]) -> bool:
-    """Whether NBD_OPT_LIST_META_CONTEXT with these queries lists base:allocation."""
-    # No query means "list all"; "base:" means every context in the base namespace.
-    return not queries or any(q in (b"base:", BASE_ALLOCATION) for q in queries)
+#: One context id, name pair, as SET_META_CONTEXT selected it.
+Selected = tuple[tuple[int, bytes], ...]
 
 
-def selects_base_allocation(queries: list[bytes]) -> bool:
-    """Whether NBD_OPT_SET_META_CONTEXT with these queries selects base:allocation."""
-    # Only the exact name: "base:", which LIST expands, selects nothing here.
-    return BASE_ALLOCATION in queries
+def context_id(available: tuple[bytes, ...], name: bytes) -> int:
+    """The id of an available context: its place in the server's list, from 1, so that
+    base:allocation (always first) keeps id 1 and an id names the same context on every
+    connection."""
+    return available.index(name) + 1
 
 
-def meta_context_replies(opt: Opt, context_id: int | None) -> bytes:
-    """NBD_REP_META_CONTEXT for base:allocation with ``context_id`` (none when None), then
-    NBD_REP_ACK."""
-    parts = [] if context_id is None else [
-        option_reply(opt, Rep.META_CONTEXT, _U32.pack(context_id) + BASE_ALLOCATION)]
+def listed_contexts(available: tuple[bytes, ...], queries: list[bytes]) -> list[bytes]:
+    """Which contexts NBD_OPT_LIST_META_CONTEXT with these queries lists.
+
+    No query means "list all"; a query ending in ``:`` is a prefix ("base:" is the base
+    namespace, "qemu:dirty-bitmap:" every bitmap, as qemu's server answers); any other
+    query names one context.  Unknown ones are ignored (proto.md)."""
+    if not queries:
+        return list(available)
+    return [name for name in available
+            if any(name == q or (q.endswith(b":") and name.startswith(q)) for q in queries)]
+
+
+def selected_contexts(available: tuple[bytes, ...], queries: list[bytes]) -> Selected:
+    """Which contexts NBD_OPT_SET_META_CONTEXT with these queries selects, with their ids.
+
+    Only exact names select: "base:", which LIST expands, selects nothing here (proto.md
+    lets a server refuse to select by namespace, and nbdkit and qemu do).  A name given
+    twice is selected once, in the order of the queries."""
+    chosen: list[bytes] = []
+    for q in queries:
+        if q in available and q not in chosen:
+            chosen.append(q)
+    return tuple((context_id(available, name), name) for name in chosen)
+
+
+def meta_context_replies(opt: Opt, contexts: Selected) -> bytes:
+    """NBD_REP_META_CONTEXT for each (id, name), then NBD_REP_ACK."""
+    parts = [option_reply(opt, Rep.META_CONTEXT, _U32.pack(cid) + name)
+             for cid, name in contexts]
     parts.append(option_reply(opt, Rep.ACK))
     return b"".join(parts)

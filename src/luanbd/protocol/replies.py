@@ -60,10 +60,11 @@ def error_chunk_reply(cookie: int, error: NbdError, message: bytes = b"") -> Buf
 
 
 def block_status_reply(cookie: int, context_id: int,
-                       extents: Iterable[tuple[int, int]]) -> Buffers:
-    """A final NBD_REPLY_TYPE_BLOCK_STATUS chunk of (length, flags) descriptors."""
+                       extents: Iterable[tuple[int, int]], done: bool = True) -> Buffers:
+    """An NBD_REPLY_TYPE_BLOCK_STATUS chunk of (length, flags) descriptors, final unless
+    ``done`` is False (one chunk per selected metadata context)."""
     body = b"".join(_DESCRIPTOR.pack(length, flags) for length, flags in extents)
-    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+    header = STRUCTURED_REPLY_HEADER.pack(STRUCTURED_REPLY_MAGIC, _DONE if done else 0,
                                           ReplyType.BLOCK_STATUS, cookie, 4 + len(body))
     return [header + _U32.pack(context_id) + body]
 
@@ -91,9 +92,11 @@ def ext_error_reply(cookie: int, offset: int, error: NbdError,
 
 
 def ext_block_status_reply(cookie: int, offset: int, context_id: int,
-                           extents: Iterable[tuple[int, int]]) -> Buffers:
-    """A final NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk of 64-bit (length, status) descriptors."""
+                           extents: Iterable[tuple[int, int]], done: bool = True) -> Buffers:
+    """An NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk of 64-bit (length, status) descriptors,
+    final unless ``done`` is False."""
     descriptors = [_EXT_DESCRIPTOR.pack(length, flags) for length, flags in extents]
     body = b"".join(descriptors)
-    header = ext_reply(cookie, offset, ReplyType.BLOCK_STATUS_EXT, 8 + len(body))
+    header = ext_reply(cookie, offset, ReplyType.BLOCK_STATUS_EXT, 8 + len(body),
+                       ReplyFlag.DONE if done else ReplyFlag(0))
     return [header + _EXT_STATUS_PREFIX.pack(context_id, len(descriptors)) + body]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from luanbd.protocol.constants import (
+    BASE_ALLOCATION,
     EXTENDED_REQUEST_HEADER,
     EXTENDED_REQUEST_MAGIC,
     LARGE_DATA,
@@ -26,6 +27,7 @@ from luanbd.protocol.constants import (
 )
 from luanbd.protocol.errors import ProtocolViolation, RequestError
 from luanbd.protocol.handshake import NEED_DATA, Negotiated, _NeedData
+from luanbd.protocol.meta_context import Selected
 
 
 class Request(NamedTuple):
@@ -75,17 +77,22 @@ class Session:
     base_allocation_id: int | None
     #: NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths, extended replies.
     extended_headers: bool = False
+    #: Every selected metadata context, (id, name); BLOCK_STATUS answers each.
+    meta_contexts: Selected = ()
     #: Which requests are plain on this export (derived from size and flags).
     plain: PlainRequests = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plain", PlainRequests(self.size, not self.read_only))
+        if not self.meta_contexts and self.base_allocation_id is not None:
+            object.__setattr__(self, "meta_contexts",
+                               ((self.base_allocation_id, BASE_ALLOCATION),))
 
     @classmethod
     def from_negotiated(cls, negotiated: Negotiated) -> Session:
         return cls(negotiated.export_name, negotiated.size, negotiated.flags,
                    negotiated.structured_replies, negotiated.base_allocation_id,
-                   negotiated.extended_headers)
+                   negotiated.extended_headers, negotiated.meta_contexts)
 
     @property
     def read_only(self) -> bool:
@@ -354,5 +361,5 @@ def validate_request(request: Request, session: Session) -> None:
     if cmd is Cmd.BLOCK_STATUS:
         if not session.structured_replies:
             raise RequestError(errno.EINVAL, f"{cmd}: structured replies was not negotiated")
-        if session.base_allocation_id is None:
-            raise RequestError(errno.EINVAL, f"{cmd}: base:allocation was not negotiated")
+        if not session.meta_contexts:
+            raise RequestError(errno.EINVAL, f"{cmd}: no metadata context was negotiated")

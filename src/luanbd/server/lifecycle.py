@@ -19,6 +19,7 @@ from typing import Protocol
 from luanbd import log
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, StartupError
+from luanbd.backend.meta import chain_contexts
 from luanbd.config import ServerConfig, UsageError
 from luanbd.log import LogTo
 from luanbd.protocol.handshake import TlsMode
@@ -96,6 +97,7 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
             startup.dump_plugin(chain)
             return 0
         startup.ready(chain)
+        meta_contexts = chain_contexts(chain)
     except UsageError as err:
         log.usage_error(str(err))
         return 1
@@ -103,7 +105,7 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
         log.error(str(err))
         return 1
     server = Server(chain, config, ssl_context=ssl_context,
-                    connection_plugin=startup.connection_plugin)
+                    connection_plugin=startup.connection_plugin, meta_contexts=meta_contexts)
     return _serve(server, lambda: startup.after_fork(chain))
 
 

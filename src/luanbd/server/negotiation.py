@@ -32,6 +32,7 @@ from luanbd.protocol.handshake import (
     ExportListRequested,
     ExportNameRequested,
     HandshakeConfig,
+    Negotiated,
     ServerHandshake,
     StartTlsRequested,
     oldstyle_greeting,
@@ -161,9 +162,14 @@ class Negotiation:
                       f"flags 0x{int(negotiated.flags):x} ({negotiated.flags}), "
                       f"structured replies {'on' if negotiated.structured_replies else 'off'}, "
                       f"extended headers {'on' if negotiated.extended_headers else 'off'}, "
-                      f"base:allocation {'on' if negotiated.base_allocation_id else 'off'}, "
+                      f"metadata contexts {self._contexts(negotiated)}, "
                       f"TLS {'on' if self.conn.tls else 'off'}")
         return Session.from_negotiated(negotiated), negotiated.trailing_data
+
+    @staticmethod
+    def _contexts(negotiated: Negotiated) -> str:
+        names = [name.decode("utf-8", "replace") for _, name in negotiated.meta_contexts]
+        return ", ".join(names) if names else "none"
 
     def _start_tls(self) -> None:
         """The server side of the TLS handshake after NBD_OPT_STARTTLS was acknowledged."""

@@ -15,7 +15,7 @@ from typing import Any
 from luanbd import log
 from luanbd.backend.context import BackendContext
 from luanbd.backend.interface import CompiledCalls, FastZeroRefused, LoggedError, PluginError
-from luanbd.protocol.constants import Cmd, CmdFlag
+from luanbd.protocol.constants import BASE_ALLOCATION, Cmd, CmdFlag
 from luanbd.protocol.errors import RequestError, nbd_error_for
 from luanbd.protocol.replies import (
     Buffers,
@@ -37,8 +37,10 @@ _READ, _WRITE, _BLOCK_STATUS = Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS
 #: With -v, requests that take at least this long (seconds) are logged with their timing.
 SLOW_REQUEST = 1.0
 
+#: Each selected metadata context's id and (length, flags) descriptors.
+_Status = list[tuple[int, list[tuple[int, int]]]]
 #: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
-_Result = bytes | memoryview | list[tuple[int, int]] | None
+_Result = bytes | memoryview | _Status | None
 
 
 class StopFlag:
@@ -107,8 +109,10 @@ class RequestHandler:
             assert isinstance(result, bytes | memoryview)
             return self._read_reply(req.cookie, req.offset, result)
         if req.cmd is _BLOCK_STATUS:
-            assert isinstance(result, list) and self.session.base_allocation_id is not None
-            return block_status_reply(req.cookie, self.session.base_allocation_id, result)
+            assert isinstance(result, list)
+            last = len(result) - 1
+            return [buf for i, (cid, descriptors) in enumerate(result)
+                    for buf in block_status_reply(req.cookie, cid, descriptors, i == last)]
         return simple_reply(req.cookie)
 
     def _handle_extended(self, req: Request) -> Buffers:
@@ -122,9 +126,11 @@ class RequestHandler:
             assert isinstance(result, bytes | memoryview)
             return ext_read_reply(cookie, offset, result)
         if req.cmd is _BLOCK_STATUS:
-            assert isinstance(result, list) and self.session.base_allocation_id is not None
-            return ext_block_status_reply(cookie, offset, self.session.base_allocation_id,
-                                          result)
+            assert isinstance(result, list)
+            last = len(result) - 1
+            return [buf for i, (cid, descriptors) in enumerate(result)
+                    for buf in ext_block_status_reply(cookie, offset, cid, descriptors,
+                                                      i == last)]
         return [ext_reply(cookie, offset)]
 
     def compiled_result(self, cmd: int, cookie: int, offset: int, count: int,
@@ -173,15 +179,24 @@ class RequestHandler:
             elif cmd is Cmd.CACHE:
                 ctx.cache(req.length, req.offset)
             elif cmd is Cmd.BLOCK_STATUS:
-                # Extended headers carry 64-bit descriptor lengths ("wide").
-                return ctx.extents(req.length, req.offset, bool(flags & _REQ_ONE),
-                                   wide=session.extended_headers), 0
+                return self._block_status(req), 0
             return None, 0
         except RequestError as err:
             log.error(f"invalid request: {err}")
             return self._failed(req, err.errno)
         except PluginError as err:
             return self._plugin_failed(req, err)
+
+    def _block_status(self, req: Request) -> _Status:
+        """Every selected context's descriptors, all asked before any is sent, so that a
+        failure in one is an error reply, not a half-sent answer."""
+        ctx, req_one = self.ctx, bool(req.flags & _REQ_ONE)
+        # Extended headers carry 64-bit descriptor lengths ("wide").
+        wide = self.session.extended_headers
+        return [(cid, ctx.extents(req.length, req.offset, req_one, wide=wide)
+                 if name == BASE_ALLOCATION else
+                 ctx.meta_extents(name, req.length, req.offset, req_one, wide=wide))
+                for cid, name in self.session.meta_contexts]
 
     def _plugin_failed(self, req: Request, err: PluginError) -> tuple[None, int]:
         """A layer's failure: one error line, except for a refused fast zero (the protocol

@@ -16,6 +16,7 @@ from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin
 from luanbd.config import DEFAULT_PORT, ServerConfig
+from luanbd.protocol.constants import BASE_ALLOCATION
 from luanbd.server.captive import Endpoint
 from luanbd.server.listener import (
     Listener,
@@ -39,10 +40,11 @@ class Server:
 
     def __init__(self, chain: Chain, config: ServerConfig, *,
                  ssl_context: ssl.SSLContext | None = None,
-                 connection_plugin: Callable[[], Plugin] | None = None) -> None:
+                 connection_plugin: Callable[[], Plugin] | None = None,
+                 meta_contexts: tuple[bytes, ...] = (BASE_ALLOCATION,)) -> None:
         self.chain = chain
         self.config = config
-        self.service = Service(chain, config, connection_plugin)
+        self.service = Service(chain, config, connection_plugin, meta_contexts)
         self.service.ssl_context = ssl_context
         self.listener: Listener | None = None
         #: Where clients connect, as a URI and for --run (None: socket activation, -s).

@@ -17,6 +17,7 @@ from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, ThreadModel
 from luanbd.backend.locks import Locks, RequestLock
 from luanbd.config import ServerConfig
+from luanbd.protocol.constants import BASE_ALLOCATION
 from luanbd.protocol.handshake import HandshakeConfig
 from luanbd.server.connection import Connection
 
@@ -31,7 +32,8 @@ class Service:
     """Accepted sockets become :class:`Connection` threads; shutdown stops them in order."""
 
     def __init__(self, chain: Chain, config: ServerConfig,
-                 plugin_factory: Callable[[], Plugin] | None = None) -> None:
+                 plugin_factory: Callable[[], Plugin] | None = None,
+                 meta_contexts: tuple[bytes, ...] = (BASE_ALLOCATION,)) -> None:
         #: What every request goes through: the filters, then the plugin.
         self.chain = chain
         self.config = config
@@ -47,6 +49,7 @@ class Service:
             structured_replies=config.structured_replies,
             meta_contexts=config.meta_contexts,
             tls=config.tls,
+            meta_context_names=meta_contexts,
         )
         #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
         self.ssl_context: ssl.SSLContext | None = None
