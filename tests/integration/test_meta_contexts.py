@@ -268,3 +268,72 @@ def test_bad_answers_fail_the_request(start_server: StartServer, workdir: Path) 
     h.block_status(4096, 0, lambda ctx, off, entries, err: got.append(entries) or 0)
     assert got == [[4096, 0xFFFFFFFF]]
     h.shutdown()
+
+
+FLAG_PAYLOAD_LEN, FLAG_BLOCK_STAT_PAYLOAD, TYPE_ERROR = 1 << 5, 1 << 12, 2**15 + 1
+
+
+def _selected_client(sock: Path, queries: list[bytes]) -> tuple[ExtClient, dict[bytes, int]]:
+    c = ExtClient(sock)
+    c.start()
+    c.send_option(OPT_EXTENDED_HEADERS)
+    assert c.option_reply()[1] == REP_ACK
+    c.send_option(OPT_SET_META, struct.pack(">II", 0, len(queries)) + b"".join(
+        struct.pack(">I", len(q)) + q for q in queries))
+    ids = {}
+    while True:
+        _, reply, data = c.option_reply()
+        if reply == REP_ACK:
+            break
+        ids[data[4:]] = struct.unpack_from(">I", data)[0]
+    assert c.go() == REP_ACK
+    return c, ids
+
+
+def test_block_status_payload_picks_contexts(start_server: StartServer) -> None:
+    server = start_server(EXAMPLE, f"size={SIZE}")
+    _write_pattern(server.uri)
+    assert server.sock is not None
+    c, ids = _selected_client(server.sock, [b"base:allocation", WRITTEN, GENERATION])
+    with c:
+        assert c.eflags & FLAG_BLOCK_STAT_PAYLOAD
+        # Only example:written, over 3 pages from page 2: the header's length is the
+        # payload's, the payload's own u64 is the range asked about.
+        payload = struct.pack(">QI", 3 * PAGE, ids[WRITTEN])
+        c.request(CMD_BLOCK_STATUS, 2 * PAGE, len(payload), flags=FLAG_PAYLOAD_LEN,
+                  cookie=3, data=payload)
+        flags, rtype, cookie, offset, body = c.chunk()
+        assert (flags, rtype, cookie, offset) == (REPLY_FLAG_DONE, TYPE_BLOCK_STATUS_EXT, 3,
+                                                  2 * PAGE)
+        cid, count = struct.unpack_from(">II", body)
+        assert cid == ids[WRITTEN]
+        assert list(struct.unpack_from(f">{2 * count}Q", body, 8)) == [2 * PAGE, 1, PAGE, 0]
+        # Two of three, in the client's order of asking or not: both answered, DONE last.
+        payload = struct.pack(">QII", PAGE, ids[GENERATION], ids[b"base:allocation"])
+        c.request(CMD_BLOCK_STATUS, 2 * PAGE, len(payload), flags=FLAG_PAYLOAD_LEN,
+                  cookie=4, data=payload)
+        chunks = [c.chunk(), c.chunk()]
+        assert [ch[0] for ch in chunks] == [0, REPLY_FLAG_DONE]
+        assert {struct.unpack_from(">I", ch[4])[0] for ch in chunks} == \
+            {ids[GENERATION], ids[b"base:allocation"]}
+        # Bad payloads: EINVAL, and the stream stays in step (the next request works).
+        unselected = max(ids.values()) + 1
+        for cookie, bad in enumerate([
+                b"\0" * 4,                                            # too short
+                struct.pack(">Q", PAGE),                              # no id
+                struct.pack(">QI", PAGE, unselected),                 # not selected
+                struct.pack(">QII", PAGE, ids[WRITTEN], ids[WRITTEN]),  # twice
+                struct.pack(">QI", 0, ids[WRITTEN]),                  # empty range
+                struct.pack(">QI", SIZE, ids[WRITTEN]) + b"\0\0",     # odd length
+                struct.pack(">QI", SIZE, ids[WRITTEN]),               # past the end
+        ], 10):
+            c.request(CMD_BLOCK_STATUS, PAGE, len(bad), flags=FLAG_PAYLOAD_LEN, cookie=cookie,
+                      data=bad)
+            flags, rtype, got, _, body = c.chunk()
+            assert (flags, rtype, got) == (REPLY_FLAG_DONE, TYPE_ERROR, cookie), bad
+            assert struct.unpack_from(">I", body)[0] == 22, bad  # EINVAL
+        payload = struct.pack(">QI", PAGE, ids[WRITTEN])
+        c.request(CMD_BLOCK_STATUS, 0, len(payload), flags=FLAG_PAYLOAD_LEN, cookie=99,
+                  data=payload)
+        assert c.chunk()[1:3] == (TYPE_BLOCK_STATUS_EXT, 99)
+    assert len(server.errors()) == 7

@@ -32,7 +32,14 @@ from luanbd.protocol.replies import (
     ext_read_reply,
     ext_reply,
 )
-from luanbd.protocol.transmission import Request, RequestParser, Session, validate_request
+from luanbd.protocol.transmission import (
+    MAX_STATUS_PAYLOAD,
+    Request,
+    RequestParser,
+    Session,
+    status_payload_ids,
+    validate_request,
+)
 
 IHAVEOPT = 0x49484156454F5054
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
@@ -227,6 +234,30 @@ def test_payload_len_flag() -> None:
     assert check(Cmd.BLOCK_STATUS, 0, 512, PAYLOAD_LEN) == errno.EINVAL
     # Without extended headers it is an unknown flag.
     assert check(Cmd.WRITE, 0, 512, PAYLOAD_LEN, COMPACT) == errno.EINVAL
+
+
+def test_block_status_payload_is_parsed() -> None:
+    """NBD_FLAG_BLOCK_STAT_PAYLOAD: the payload's u64 becomes the length, the whole payload
+    the data; one longer than MAX_STATUS_PAYLOAD is dropped, and the stream stays in step."""
+    payload = struct.pack(">QII", 3 * GIB4, 1, 2)
+    huge = MAX_STATUS_PAYLOAD + 4
+    stream = (ext_request(Cmd.BLOCK_STATUS, GIB4, len(payload), flags=PAYLOAD_LEN, cookie=1)
+              + payload
+              + ext_request(Cmd.BLOCK_STATUS, 0, huge, flags=PAYLOAD_LEN, cookie=2)
+              + bytes(huge)
+              + ext_request(Cmd.BLOCK_STATUS, 0, 2, flags=PAYLOAD_LEN, cookie=3) + b"ab"
+              + ext_request(Cmd.FLUSH, 0, 0, cookie=4))
+    reqs = parse(stream)
+    assert [(r.cookie, r.offset, r.length, r.data) for r in reqs] == [
+        (1, GIB4, 3 * GIB4, payload), (2, 0, huge, None), (3, 0, 0, b"ab"), (4, 0, 0, None)]
+    selected = Session(b"", SIZE, ALL | TransmissionFlag.BLOCK_STAT_PAYLOAD, True, 1, True,
+                       ((1, b"base:allocation"), (2, b"x:y")))
+    assert status_payload_ids(reqs[0], selected) == [1, 2]
+    for bad in (reqs[1], reqs[2]):
+        with pytest.raises(RequestError):
+            status_payload_ids(bad, selected)
+    with pytest.raises(RequestError):  # not advertised
+        status_payload_ids(reqs[0], EXT)
 
 
 # --- replies --------------------------------------------------------------------------------

@@ -144,6 +144,8 @@ class TransmissionFlag(_SpecName, enum.IntFlag):
     SEND_RESIZE = 1 << 9
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
+    #: Extended headers only: BLOCK_STATUS may carry a payload that picks contexts.
+    BLOCK_STAT_PAYLOAD = 1 << 12
 
 
 class Cmd(_SpecName, enum.IntEnum):

@@ -326,6 +326,10 @@ class ServerHandshake:
             flags |= TransmissionFlag.SEND_DF
         else:
             flags &= ~TransmissionFlag.SEND_DF
+        if self.extended_headers and self.config.meta_contexts:
+            flags |= TransmissionFlag.BLOCK_STAT_PAYLOAD
+        else:
+            flags &= ~TransmissionFlag.BLOCK_STAT_PAYLOAD
         return flags
 
     def _finish(self, export_name: bytes, size: int, flags: TransmissionFlag) -> None:

@@ -9,6 +9,7 @@ unadvertised or oversized request.
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -114,7 +115,12 @@ _READ_ONLY, _SEND_FLUSH, _SEND_FUA, _SEND_TRIM, _SEND_WRITE_ZEROES, _SEND_CACHE,
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _RANGED = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS)
 _PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_BLOCK_STAT_PAYLOAD = int(TransmissionFlag.BLOCK_STAT_PAYLOAD)
 
+
+#: The biggest BLOCK_STATUS payload read: the effect length and 4096 context ids.
+MAX_STATUS_PAYLOAD = 8 + 4 * 4096
+_U64 = struct.Struct(">Q")
 
 #: Request(...) without NamedTuple's Python-level __new__ (once per request).
 _new_request = tuple.__new__
@@ -260,8 +266,18 @@ class RequestParser:
                 taken = min(length, avail - size)
                 self._discard = length - taken
                 start += taken
+        elif (cmd is Cmd.BLOCK_STATUS and self._extended and flags & _PAYLOAD_LEN
+              and length <= MAX_STATUS_PAYLOAD):
+            # NBD_FLAG_BLOCK_STAT_PAYLOAD: the payload (u64 effect length, u32 context ids)
+            # becomes the request's length and data; validation checks the ids.
+            if avail - size < length:
+                self._need = size + length - avail
+                return NEED_DATA
+            data = bytes(buf[start:start + length])
+            start += length
+            length = _U64.unpack_from(data)[0] if length >= 8 else 0
         elif cmd is Cmd.WRITE or (self._extended and flags & _PAYLOAD_LEN):
-            # An oversize WRITE, or a payload we never advertised (NBD_FLAG_BLOCK_STAT_PAYLOAD):
+            # An oversize WRITE or BLOCK_STATUS payload, or a payload on another command:
             # drop it as it arrives so the stream stays in step; validation answers the error.
             taken = min(length, avail - size)
             self._discard = length - taken
@@ -307,6 +323,8 @@ def validate_request(request: Request, session: Session) -> None:
         return  # the common case: nothing below can apply
     cmd = _CMDS.get(cmd, cmd)  # a Request built by hand may carry a plain int
     sflags = int(session.flags)
+    if cmd is Cmd.BLOCK_STATUS and flags & _PAYLOAD_LEN:
+        status_payload_ids(request, session)
 
     if cmd in _WRITES and sflags & _READ_ONLY:
         raise RequestError(errno.EROFS, f"{cmd}: write request on readonly connection")
@@ -325,9 +343,9 @@ def validate_request(request: Request, session: Session) -> None:
     known = _KNOWN_FLAGS | _PAYLOAD_LEN if session.extended_headers else _KNOWN_FLAGS
     if flags & ~known:
         raise RequestError(errno.EINVAL, f"{cmd}: unknown flag (0x{flags & ~known:x})")
-    if flags & _PAYLOAD_LEN and cmd is not Cmd.WRITE:
-        # Only WRITE carries a payload: we do not advertise NBD_FLAG_BLOCK_STAT_PAYLOAD.
-        raise RequestError(errno.EINVAL, f"{cmd}: PAYLOAD_LEN flag needs WRITE request")
+    if flags & _PAYLOAD_LEN and cmd not in (Cmd.WRITE, Cmd.BLOCK_STATUS):
+        raise RequestError(errno.EINVAL,
+                           f"{cmd}: PAYLOAD_LEN flag needs WRITE or BLOCK_STATUS request")
     if flags & _NO_HOLE and cmd is not Cmd.WRITE_ZEROES:
         raise RequestError(errno.EINVAL, f"{cmd}: NO_HOLE flag needs WRITE_ZEROES request")
     if flags & _FAST_ZERO and cmd is not Cmd.WRITE_ZEROES:
@@ -363,3 +381,26 @@ def validate_request(request: Request, session: Session) -> None:
             raise RequestError(errno.EINVAL, f"{cmd}: structured replies was not negotiated")
         if not session.meta_contexts:
             raise RequestError(errno.EINVAL, f"{cmd}: no metadata context was negotiated")
+
+
+def status_payload_ids(request: Request, session: Session) -> list[int]:
+    """The context ids a BLOCK_STATUS payload asks for (NBD_FLAG_BLOCK_STAT_PAYLOAD), each
+    selected and none twice; RequestError (EINVAL) otherwise."""
+    payload = request.data
+    cmd = Cmd.BLOCK_STATUS
+    if not int(session.flags) & _BLOCK_STAT_PAYLOAD:
+        raise RequestError(errno.EINVAL, f"{cmd}: payload without NBD_FLAG_BLOCK_STAT_PAYLOAD")
+    if payload is None:
+        raise RequestError(errno.EINVAL, f"{cmd}: payload longer than {MAX_STATUS_PAYLOAD} "
+                                         f"bytes")
+    if len(payload) < 12 or len(payload) % 4:
+        raise RequestError(errno.EINVAL, f"{cmd}: payload of {len(payload)} bytes is not an "
+                                         f"effect length and context ids")
+    ids = list(struct.unpack_from(f">{(len(payload) - 8) // 4}I", payload, 8))
+    selected = {cid for cid, _ in session.meta_contexts}
+    for cid in ids:
+        if cid not in selected:
+            raise RequestError(errno.EINVAL, f"{cmd}: context id {cid} was not selected")
+    if len(set(ids)) != len(ids):
+        raise RequestError(errno.EINVAL, f"{cmd}: a context id is asked twice")
+    return ids

@@ -28,7 +28,12 @@ from luanbd.protocol.replies import (
     read_chunk_reply,
     simple_reply,
 )
-from luanbd.protocol.transmission import Request, Session, validate_request
+from luanbd.protocol.transmission import (
+    Request,
+    Session,
+    status_payload_ids,
+    validate_request,
+)
 
 # Plain ints for the request flags: IntFlag arithmetic is slow on a per-request path.
 _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
@@ -193,10 +198,14 @@ class RequestHandler:
         ctx, req_one = self.ctx, bool(req.flags & _REQ_ONE)
         # Extended headers carry 64-bit descriptor lengths ("wide").
         wide = self.session.extended_headers
+        contexts = self.session.meta_contexts
+        if req.data is not None:  # a BLOCK_STATUS payload names some of them
+            names = dict(contexts)
+            contexts = tuple((cid, names[cid]) for cid in status_payload_ids(req, self.session))
         return [(cid, ctx.extents(req.length, req.offset, req_one, wide=wide)
                  if name == BASE_ALLOCATION else
                  ctx.meta_extents(name, req.length, req.offset, req_one, wide=wide))
-                for cid, name in self.session.meta_contexts]
+                for cid, name in contexts]
 
     def _plugin_failed(self, req: Request, err: PluginError) -> tuple[None, int]:
         """A layer's failure: one error line, except for a refused fast zero (the protocol
