@@ -337,3 +337,27 @@ def test_block_status_payload_picks_contexts(start_server: StartServer) -> None:
                   data=payload)
         assert c.chunk()[1:3] == (TYPE_BLOCK_STATUS_EXT, 99)
     assert len(server.errors()) == 7
+
+
+def test_cow_serves_allocation_depth(start_server: StartServer) -> None:
+    """cow: qemu:allocation-depth is 1 in the overlay (written, trimmed), 2 below; the
+    plugin's own contexts are not passed up (they would not see the overlay's writes)."""
+    server = start_server(EXAMPLE, f"size={SIZE}", options=["--filter=cow"])
+    info = json.loads(run_client(["nbdinfo", "--json", server.uri], env=client_env()).stdout)
+    assert info["exports"][0]["contexts"] == ["base:allocation", "qemu:allocation-depth"]
+    h = nbd.NBD()
+    h.connect_uri(server.uri)
+    block = 65536  # cow's default block size
+    h.pwrite(b"x" * 100, block + 10)           # block 1 copied up and written
+    h.trim(2 * block, 5 * block)               # blocks 5-6 trimmed in the overlay
+    h.shutdown()
+    assert _map(server.uri, "qemu:allocation-depth") == [
+        (0, block, 2), (block, block, 1), (2 * block, 3 * block, 2), (5 * block, 2 * block, 1),
+        (7 * block, SIZE - 7 * block, 2)]
+    opts = (f"driver=nbd,server.type=unix,server.path={server.sock},"
+            f"x-dirty-bitmap=qemu:allocation-depth")
+    out = json.loads(run_client(["qemu-img", "map", "--output=json", "--image-opts",
+                                 opts]).stdout)
+    # qemu reads depth 1 (bit 0) as its HOLE bit: the overlay's blocks show as "data": false.
+    assert [(e["start"], e["length"]) for e in out if not e["data"]] == [
+        (block, block), (5 * block, 2 * block)]

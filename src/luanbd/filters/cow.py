@@ -13,6 +13,7 @@ do; with a path, while it exists).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -40,6 +41,10 @@ from luanbd.filters.params import bool_parameter, size_parameter
 NOT_ALLOCATED = 0
 ALLOCATED = 1
 TRIMMED = 3
+
+#: The metadata context cow serves (qemu's name and meaning: which layer holds a block).
+ALLOCATION_DEPTH = b"qemu:allocation-depth"
+_ALLOCATED_BLOCK = re.compile(rb"[^\x00]")
 
 #: Where the overlay goes without $TMPDIR (nbdkit's LARGE_TMPDIR).
 LARGE_TMPDIR = "/var/tmp"
@@ -380,6 +385,32 @@ class Filter(Backend):
             else:
                 out.append((blknum * bs, bs, 0))
                 blknum += 1
+            if flags & FLAG_REQ_ONE:
+                break
+        return out
+
+    # The plugin's other contexts do not see the overlay's writes: only this one is served.
+    def meta_contexts(self, below: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        return (ALLOCATION_DEPTH,)
+
+    def meta_extents(self, next: Context, h: Handle, context: bytes,  # noqa: PLR0917
+                     count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+        """qemu:allocation-depth (as qemu's server): 1 where the overlay holds the block
+        (written, zeroed, trimmed or copied up), 2 where it is read from the plugin."""
+        bs, bitmap = self.blksize, self.overlay.bitmap
+        blknum, end_blk = offset // bs, (offset + count + bs - 1) // bs
+        out: list[tuple[int, int, int]] = []
+        while blknum < end_blk:
+            if blknum >= len(bitmap):
+                stop, depth = end_blk, 2
+            elif bitmap[blknum] == NOT_ALLOCATED:
+                found = _ALLOCATED_BLOCK.search(bitmap, blknum, min(end_blk, len(bitmap)))
+                stop, depth = (found.start() if found else min(end_blk, len(bitmap))), 2
+            else:
+                found_at = bitmap.find(NOT_ALLOCATED, blknum, end_blk)
+                stop, depth = (found_at if found_at >= 0 else min(end_blk, len(bitmap))), 1
+            out.append((blknum * bs, (stop - blknum) * bs, depth))
+            blknum = stop
             if flags & FLAG_REQ_ONE:
                 break
         return out
