@@ -15,7 +15,7 @@ from luanbd_procs import REP_ACK, RawClient, StartServer, run_client
 
 OPT_STRUCTURED_REPLY, OPT_SET_META, OPT_EXTENDED_HEADERS = 8, 10, 11
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES = 0, 1, 2, 3, 4, 6
-CMD_BLOCK_STATUS = 7
+CMD_CACHE, CMD_BLOCK_STATUS = 5, 7
 FLAG_PAYLOAD_LEN = 1 << 5
 EXT_REQUEST_MAGIC = 0x21E41C71
 EXT_REPLY_MAGIC = 0x6E8A278C
@@ -160,3 +160,72 @@ def test_libnbd_clients_unaffected(start_server: StartServer, workdir: Path) -> 
     out = run_client(["nbdinfo", "--map", server.uri]).stdout
     assert "hole,zero" in out and "data" in out
     run_client(["nbdinfo", server.uri])
+
+
+#: An API 2 script that records the count each ranged callback gets.
+COUNTS_PLUGIN = """
+API_VERSION = 2
+local SIZE = 16 * 1024 * 1024 * 1024
+local log = nil
+local function note(name, count, offset)
+   local f = io.open(log, "a"); f:write(name .. " " .. offset .. " " .. count .. "\\n"); f:close()
+end
+function config(key, value) if key == "log" then log = value end end
+function open(readonly) return {} end
+function get_size(h) return SIZE end
+function can_write(h) return true end
+function can_trim(h) return true end
+function can_zero(h) return true end
+function can_cache(h) return nbdkit.CACHE_NATIVE end
+function pread(h, count, offset, flags) return string.rep("\\0", count) end
+function pwrite(h, buf, offset, flags) end
+function trim(h, count, offset, flags) note("trim", count, offset) end
+function zero(h, count, offset, flags) note("zero", count, offset) end
+function cache(h, count, offset, flags) note("cache", count, offset) end
+function extents(h, count, offset, flags)
+   note("extents", count, offset)
+   return { { offset, count, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO } }
+end
+function meta_contexts() return { "x:count" } end
+function meta_extents(h, context, count, offset, flags)
+   note("meta_extents", count, offset)
+   return { { offset, count, 7 } }
+end
+"""
+
+
+def test_64_bit_lengths_reach_the_script_whole(start_server: StartServer,
+                                               workdir: Path) -> None:
+    """Under extended headers TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS of more than 4 GiB
+    reach an API 2 script as one call with the client's count, and block status answers
+    the whole range in one 64-bit descriptor per context."""
+    plugin = workdir / "counts.lua"
+    plugin.write_text(COUNTS_PLUGIN)
+    log = workdir / "counts.log"
+    server = start_server(str(plugin), f"log={log}")
+    assert server.sock is not None
+    big, off = 9 * GIB + 12345, GIB + 1
+    with ExtClient(server.sock) as c:
+        c.start()
+        c.send_option(OPT_EXTENDED_HEADERS)
+        assert c.option_reply()[1] == REP_ACK
+        queries = [b"base:allocation", b"x:count"]
+        c.send_option(OPT_SET_META, struct.pack(">II", 0, 2) + b"".join(
+            struct.pack(">I", len(q)) + q for q in queries))
+        ids = []
+        while (reply := c.option_reply())[1] != REP_ACK:
+            ids.append(struct.unpack_from(">I", reply[2])[0])
+        assert c.go() == REP_ACK
+        for cookie, cmd in enumerate((CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE), 1):
+            c.request(cmd, off, big, cookie=cookie)
+            assert c.chunk()[:3] == (REPLY_FLAG_DONE, TYPE_NONE, cookie)
+        c.request(CMD_BLOCK_STATUS, off, big, cookie=9)
+        chunks = [c.chunk(), c.chunk()]
+    got = {}
+    for _, rtype, _, _, payload in chunks:
+        assert rtype == TYPE_BLOCK_STATUS_EXT
+        cid, count = struct.unpack_from(">II", payload)
+        got[cid] = list(struct.unpack_from(f">{2 * count}Q", payload, 8))
+    assert got == {ids[0]: [big, 3], ids[1]: [big, 7]}
+    assert log.read_text().splitlines() == [
+        f"{name} {off} {big}" for name in ("trim", "zero", "cache", "extents", "meta_extents")]
