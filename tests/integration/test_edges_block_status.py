@@ -77,10 +77,12 @@ def in_range(offset: int, count: int, size: int) -> bool:
 
 
 def check_descriptors(d: list[tuple[int, int]], offset: int, count: int, flags: int, *,
-                      size: int, max_len: int) -> None:
-    """What proto.md allows in a successful block status reply."""
+                      size: int, max_len: int, any_flags: bool = False) -> None:
+    """What proto.md allows in a successful block status reply (flags of base:allocation's,
+    or with ``any_flags`` any 32-bit value)."""
     assert d, "no descriptor"
-    assert all(0 < length <= max_len and kind in (0, 1, 2, 3) for length, kind in d), d[:5]
+    flag_ok = (lambda k: 0 <= k <= M) if any_flags else (lambda k: k in (0, 1, 2, 3))
+    assert all(0 < length <= max_len and flag_ok(kind) for length, kind in d), d[:5]
     assert offset + sum(length for length, _ in d) <= size, ("past the end", offset, d[-3:])
     assert sum(length for length, _ in d[:-1]) < count, "only the last may pass the request"
     if flags & REQ_ONE:
@@ -161,6 +163,36 @@ def test_block_status_modes(start_server: StartServer, config: str, fastpath: st
         assert got["overlap", 0, M, 0] == got["gap", 0, M, 0] == EIO
         assert got["past", G, M, REQ_ONE] == [(M, 3)]
         assert got["oddtype", 0, M, 0] == [(4096, 3), (8192, 0)]
+
+
+@pytest.mark.parametrize("options", [[], ["--filter=readonly"]], ids=["plain", "readonly"])
+def test_meta_extents_modes(start_server: StartServer, options: list[str]) -> None:
+    """The same hostile answers from meta_extents (another context, edges:mirror): each is
+    a valid reply or one error line, as for base:allocation, except that the flags are the
+    context's own (oddtype's -1 and 2^40 are errors, 4 is kept)."""
+    server = start_server(script("edges.lua"), options=options)
+    pts = points(SIZE)
+    modes = BAD + GOOD
+    cases = [{"export": m, "context": "edges:mirror",
+              "ops": [["bs", o, c, f] for o, c, f in pts]} for m in modes]
+    errors = 0
+    got: dict[tuple[str, int, int, int], Any] = {}
+    for mode, res in zip(modes, run_cases(server, cases), strict=True):
+        assert res["connect"] is None and len(res["ops"]) == len(pts), (mode, res)
+        for (o, c, f), op in zip(pts, res["ops"], strict=True):
+            if "err" in op:
+                errors += 1
+                assert op["err"] == (EIO if in_range(o, c, SIZE) else EINVAL), (mode, o, c, op)
+                got[mode, o, c, f] = op["err"]
+                continue
+            assert in_range(o, c, SIZE) and mode in GOOD, (mode, o, c)
+            d = [tuple(x) for x in op["ok"]]
+            check_descriptors(d, o, c, f, size=SIZE, max_len=M, any_flags=True)
+            got[mode, o, c, f] = d
+    assert len(log_errors(server)) == errors
+    assert got["normal", G - 1, M, 0] == [(1, 0), (0xFFFFF000, 3)]
+    assert got["oddtype", 0, M, 0] == EIO
+    assert got["named", 0, M, 0] == [(4096, 3)]
 
 
 def test_tiny_extents(start_server: StartServer) -> None:

@@ -129,3 +129,7 @@ function extents(h, count, offset, flags)
    if f == nil then error("no mode " .. h.mode) end
    return f(count, offset)
 end
+
+-- The same answers as another metadata context, whose flags are not masked to HOLE|ZERO.
+function meta_contexts() return { "edges:mirror" } end
+function meta_extents(h, context, count, offset, flags) return extents(h, count, offset, flags) end

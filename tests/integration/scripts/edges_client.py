@@ -1,6 +1,7 @@
 """libnbd client of the edge tests (run by /usr/bin/python3, which has the nbd module).
 
 argv: SOCKET JSON, JSON a list of cases {"export": NAME, "ops": [[OP, OFFSET, COUNT, FLAGS]]}
+(and "context": the one metadata context to select, base:allocation by default)
 with OP one of bs (block status), pread, pwrite (COUNT bytes of 0xA5), trim, zero, cache.
 Prints one JSON list: per case {"connect": errno-or-null, "size": N, "block_size": [..],
 "ops": [...]}, each op {"ok": RESULT} (descriptors [[length, flags], ...] for bs, the data's
@@ -46,7 +47,7 @@ def run_op(h, op, offset, count, flags):
 
 def run_case(sock, case):
     h = nbd.NBD()
-    h.add_meta_context("base:allocation")
+    h.add_meta_context(case.get("context", "base:allocation"))
     h.set_strict_mode(0)
     h.set_export_name(case["export"])
     out = {"connect": None, "ops": []}
