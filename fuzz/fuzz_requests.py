@@ -24,6 +24,7 @@ request that passes validation although the spec forbids it.
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,7 +41,13 @@ from fuzzlib import Finding, chunks
 from luanbd.protocol.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, TransmissionFlag
 from luanbd.protocol.errors import ProtocolViolation, RequestError
 from luanbd.protocol.handshake import NEED_DATA, _NeedData
-from luanbd.protocol.transmission import Request, RequestParser, Session, validate_request
+from luanbd.protocol.transmission import (
+    MAX_STATUS_PAYLOAD,
+    Request,
+    RequestParser,
+    Session,
+    validate_request,
+)
 
 SIZES = (0, 4096, 1 << 20, 1 << 63)
 BUFFER_SIZES = (256 * 1024, 28, 64, 4096)
@@ -91,10 +98,13 @@ def check_accepted(req: Request, session: Session) -> None:
     if flags & CmdFlag.REQ_ONE:
         expect(cmd is Cmd.BLOCK_STATUS, "validated misplaced REQ_ONE")
     if flags & CmdFlag.PAYLOAD_LEN:
-        expect(session.extended_headers and cmd is Cmd.WRITE, "validated misplaced PAYLOAD_LEN")
+        expect(session.extended_headers and (
+            cmd is Cmd.WRITE or (cmd is Cmd.BLOCK_STATUS and bool(
+                session.flags & TransmissionFlag.BLOCK_STAT_PAYLOAD))),
+            "validated misplaced PAYLOAD_LEN")
     if cmd is Cmd.BLOCK_STATUS:
-        expect(session.structured_replies and session.base_allocation_id is not None,
-               "validated BLOCK_STATUS without base:allocation")
+        expect(session.structured_replies and bool(session.meta_contexts),
+               "validated BLOCK_STATUS without a metadata context")
 
 
 def run_parser(parser: RequestParser, pieces: Iterable[bytes], session: Session,
@@ -122,6 +132,15 @@ def run_parser(parser: RequestParser, pieces: Iterable[bytes], session: Session,
                         expect(req.data is not None and len(req.data) == req.length,
                                f"WRITE of {req.length} bytes came with "
                                f"{None if req.data is None else len(req.data)} bytes")
+                    elif (req.cmd is Cmd.BLOCK_STATUS and req.flags & CmdFlag.PAYLOAD_LEN
+                          and req.data is not None):
+                        # NBD_FLAG_BLOCK_STAT_PAYLOAD: the payload is kept, its u64 (if
+                        # any) is the length.
+                        expect(len(req.data) <= MAX_STATUS_PAYLOAD,
+                               f"a {len(req.data)}-byte BLOCK_STATUS payload was kept")
+                        expect(req.length == (struct.unpack_from(">Q", req.data)[0]
+                                              if len(req.data) >= 8 else 0),
+                               "BLOCK_STATUS payload's length is not the request's")
                     else:
                         expect(req.data is None, f"{req.cmd} came with a payload")
                     try:
