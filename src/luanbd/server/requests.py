@@ -70,6 +70,21 @@ class StopFlag:
         return bool(self.cell[0])
 
 
+#: The most of a plugin's error message a client is sent (proto.md allows 4096 bytes).
+MAX_ERROR_TEXT = 1024
+
+
+def client_text(err: PluginError) -> bytes:
+    """The message of a failed callback for the structured error chunk: the log line's
+    text (``pread: plugin.lua:12: message``), valid UTF-8 (as proto.md requires), cut to
+    MAX_ERROR_TEXT bytes at a character boundary.  Only transmission-phase failures get
+    here, after any TLS and authentication, so nothing reaches a client it should not."""
+    data = str(err).encode("utf-8", "replace")
+    if len(data) <= MAX_ERROR_TEXT:
+        return data
+    return data[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode("utf-8")
+
+
 class RequestHandler:
     """Serves the requests of one connection's transmission phase."""
 
@@ -109,7 +124,7 @@ class RequestHandler:
                 return self._error_reply(req, self._plugin_failed(req, err))
         result, code = self._run(req)
         if code:
-            return self._error_reply(req, code)
+            return self._error_reply(req, (result, code))
         if req.cmd is _READ:
             assert isinstance(result, bytes | memoryview)
             return self._read_reply(req.cookie, req.offset, result)
@@ -126,7 +141,8 @@ class RequestHandler:
         result, code = self._run(req)
         cookie, offset = req.cookie, req.offset
         if code:
-            return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags))
+            return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags),
+                                   result if isinstance(result, bytes) else b"")
         if req.cmd is _READ:
             assert isinstance(result, bytes | memoryview)
             return ext_read_reply(cookie, offset, result)
@@ -207,14 +223,15 @@ class RequestHandler:
                  ctx.meta_extents(name, req.length, req.offset, req_one, wide=wide))
                 for cid, name in contexts]
 
-    def _plugin_failed(self, req: Request, err: PluginError) -> tuple[None, int]:
+    def _plugin_failed(self, req: Request, err: PluginError) -> tuple[bytes, int]:
         """A layer's failure: one error line, except for a refused fast zero (the protocol
         at work) and a LoggedError (its filter logged it already), which are debug lines."""
         if isinstance(err, FastZeroRefused | LoggedError):
             log.debug(str(err))
         else:
             log.error(str(err))
-        return self._failed(req, err.errno)
+        self._failed(req, err.errno)
+        return client_text(err), err.errno
 
     def _failed(self, req: Request, code: int) -> tuple[None, int]:
         """With -v, a failed request is also logged with its connection and errno (the
@@ -230,12 +247,14 @@ class RequestHandler:
             return read_chunk_reply(cookie, offset, data)
         return simple_reply(cookie, data=data)
 
-    def _error_reply(self, req: Request, code: tuple[None, int] | int) -> Buffers:
-        if isinstance(code, tuple):
-            code = code[1]
+    def _error_reply(self, req: Request, failure: tuple[Any, int]) -> Buffers:
+        """The reply to a failed request: a structured error chunk carries the plugin's
+        message (client_text), as nbdkit >= 1.42 sends it."""
+        text, code = failure
         error = nbd_error_for(code, req.flags)
         if self.session.structured_replies and req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
-            return error_chunk_reply(req.cookie, error)
+            return error_chunk_reply(req.cookie, error,
+                                     text if isinstance(text, bytes) else b"")
         return simple_reply(req.cookie, error)
 
     def _timed(self, handle: Any) -> Any:
