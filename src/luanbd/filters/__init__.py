@@ -17,6 +17,7 @@ BUILTIN = {
     "blocksize-policy": "blocksize_policy",
     "cache": "cache",
     "cacheextents": "cacheextents",
+    "cbt": "cbt",
     "checkwrite": "checkwrite",
     "count": "count",
     "cow": "cow",
