@@ -72,6 +72,7 @@ Listening options:
   --print-uri                      print the URI of the server once listening
   -n, --newstyle / -o, --oldstyle  handshake flavour (newstyle by default)
   --no-sr, --no-mc                 refuse structured replies / meta contexts
+  --sparse-reads                   answer the zero ranges of READs with holes (luanbd)
   --mask-handshake=MASK            mask the handshake's global flags
   --timeout=DELAY                  time to finish the handshake (default 60s; 0: none)
   --limit=N                        concurrent connections (default 4096; 0: none);
@@ -150,6 +151,7 @@ def _parser() -> _Parser:
     a("-n", "--newstyle", action="store_true")
     a("--no-sr", "--no-structured-replies", action="store_true")
     a("--no-mc", "--no-meta-contexts", action="store_true")
+    a("--sparse-reads", action="store_true")
     a("-o", "--oldstyle", action="store_true")
     a("-P", "--pidfile", "--pid-file")
     a("-p", "--port")
@@ -367,6 +369,7 @@ def parse_args(argv: list[str]) -> Command:
         verbose=ns.verbose,
         structured_replies=not ns.no_sr,
         meta_contexts=not ns.no_mc,
+        sparse_reads=ns.sparse_reads,
         handshake_flags=flags,
         tls=tls,
         log_to=LogTo(ns.log) if ns.log else None,

@@ -86,6 +86,8 @@ class ServerConfig:
     verbose: bool = False
     structured_replies: bool = True
     meta_contexts: bool = True
+    #: --sparse-reads: zero ranges of a READ as NBD_REPLY_TYPE_OFFSET_HOLE chunks.
+    sparse_reads: bool = False
     handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     tls: TlsMode = TlsMode.OFF
     log_to: LogTo | None = None

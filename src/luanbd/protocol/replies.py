@@ -100,3 +100,34 @@ def ext_block_status_reply(cookie: int, offset: int, context_id: int,
     header = ext_reply(cookie, offset, ReplyType.BLOCK_STATUS_EXT, 8 + len(body),
                        ReplyFlag.DONE if done else ReplyFlag(0))
     return [header + _EXT_STATUS_PREFIX.pack(context_id, len(descriptors)) + body]
+
+
+# --- Sparse READ replies: OFFSET_DATA and OFFSET_HOLE chunks, the last one final ------------
+_HOLE = struct.Struct(">QI")  # offset, hole size
+
+
+def data_chunk_reply(cookie: int, offset: int, data: bytes | memoryview,
+                     done: bool) -> Buffers:
+    """An NBD_REPLY_TYPE_OFFSET_DATA chunk of a READ answered in several chunks."""
+    return [_READ_CHUNK.pack(_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie,
+                             _PREFIX + len(data), offset), data]
+
+
+def hole_chunk_reply(cookie: int, offset: int, length: int, done: bool) -> Buffers:
+    """An NBD_REPLY_TYPE_OFFSET_HOLE chunk: ``length`` bytes of zeroes at ``offset``."""
+    return [STRUCTURED_REPLY_HEADER.pack(_MAGIC, _DONE if done else 0, ReplyType.OFFSET_HOLE,
+                                         cookie, _HOLE.size) + _HOLE.pack(offset, length)]
+
+
+def ext_data_chunk_reply(cookie: int, req_offset: int, offset: int,
+                         data: bytes | memoryview, done: bool) -> Buffers:
+    flags = ReplyFlag.DONE if done else ReplyFlag(0)
+    header = ext_reply(cookie, req_offset, ReplyType.OFFSET_DATA, _PREFIX + len(data), flags)
+    return [header + OFFSET_DATA_PREFIX.pack(offset), data]
+
+
+def ext_hole_chunk_reply(cookie: int, req_offset: int, offset: int, length: int,
+                         done: bool) -> Buffers:
+    flags = ReplyFlag.DONE if done else ReplyFlag(0)
+    return [ext_reply(cookie, req_offset, ReplyType.OFFSET_HOLE, _HOLE.size, flags)
+            + _HOLE.pack(offset, length)]

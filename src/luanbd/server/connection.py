@@ -150,7 +150,8 @@ class Connection:
         assert self.negotiation is not None
         ctx = self.negotiation.ctx
         assert ctx is not None
-        handler = RequestHandler(ctx, session, self.number, self.stop)
+        sparse = self.service.config.sparse_reads
+        handler = RequestHandler(ctx, session, self.number, self.stop, sparse_reads=sparse)
         handle = handler.handle_request
         recv_into = self.sock.recv_into
         wait_all = 0 if self.tls else socket.MSG_WAITALL
@@ -161,7 +162,8 @@ class Connection:
                                f"conn-{self.number}-writer") if not self.tls else None)
         out: Buffers = []
         size = 0  # READ payload bytes in `out`
-        fast = compiled.engage(session, handler, enabled=self.service.config.fastpath,
+        fast = compiled.engage(session, handler,
+                               enabled=self.service.config.fastpath and not sparse,
                                sock=self.sock, tls=self.tls, chain=self.chain, lock=self.lock,
                                stop=self.stop)
         try:

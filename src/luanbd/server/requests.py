@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import Any
+from typing import Any, cast
 
 from luanbd import log
 from luanbd.backend.context import BackendContext
@@ -20,32 +20,39 @@ from luanbd.protocol.errors import RequestError, nbd_error_for
 from luanbd.protocol.replies import (
     Buffers,
     block_status_reply,
+    data_chunk_reply,
     error_chunk_reply,
     ext_block_status_reply,
+    ext_data_chunk_reply,
     ext_error_reply,
+    ext_hole_chunk_reply,
     ext_read_reply,
     ext_reply,
+    hole_chunk_reply,
     read_chunk_reply,
     simple_reply,
 )
 from luanbd.protocol.transmission import (
+    PlainRequests,
     Request,
     Session,
     status_payload_ids,
     validate_request,
 )
+from luanbd.server.sparse import Pieces, sparse_read
 
 # Plain ints for the request flags: IntFlag arithmetic is slow on a per-request path.
-_FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE = (
-    int(f) for f in (CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
+_FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE, _DF = (int(f) for f in (
+    CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE, CmdFlag.DF))
 _READ, _WRITE, _BLOCK_STATUS = Cmd.READ, Cmd.WRITE, Cmd.BLOCK_STATUS
 #: With -v, requests that take at least this long (seconds) are logged with their timing.
 SLOW_REQUEST = 1.0
 
 #: Each selected metadata context's id and (length, flags) descriptors.
 _Status = list[tuple[int, list[tuple[int, int]]]]
-#: What executing a request yields: READ data, BLOCK_STATUS descriptors, or nothing.
-_Result = bytes | memoryview | _Status | None
+#: What executing a request yields: READ data (or its pieces), BLOCK_STATUS descriptors,
+#: or nothing.
+_Result = bytes | memoryview | Pieces | _Status | None
 
 
 class StopFlag:
@@ -89,7 +96,7 @@ class RequestHandler:
     """Serves the requests of one connection's transmission phase."""
 
     def __init__(self, ctx: BackendContext, session: Session, number: int,
-                 stop: StopFlag) -> None:
+                 stop: StopFlag, *, sparse_reads: bool = False) -> None:
         self.ctx = ctx
         self.session = session
         #: The connection's number, for log lines.
@@ -98,6 +105,10 @@ class RequestHandler:
         self.stop = stop
         self._stopped = stop.cell
         self._plain = session.plain
+        #: --sparse-reads: READs go through _run, which may answer with holes.
+        self._sparse = sparse_reads and session.structured_replies
+        if self._sparse:
+            self._plain = PlainRequests(0, False)  # admits nothing
         #: The plugin the compiled loop calls, when it serves this connection.
         self.compiled: CompiledCalls | None = None
         if session.extended_headers:
@@ -126,12 +137,17 @@ class RequestHandler:
         if code:
             return self._error_reply(req, (result, code))
         if req.cmd is _READ:
+            if isinstance(result, list):
+                pieces, last = cast(Pieces, result), len(result) - 1
+                return [buf for i, (at, n, data) in enumerate(pieces) for buf in (
+                    hole_chunk_reply(req.cookie, at, n, i == last) if data is None else
+                    data_chunk_reply(req.cookie, at, data, i == last))]
             assert isinstance(result, bytes | memoryview)
             return self._read_reply(req.cookie, req.offset, result)
         if req.cmd is _BLOCK_STATUS:
             assert isinstance(result, list)
-            last = len(result) - 1
-            return [buf for i, (cid, descriptors) in enumerate(result)
+            status, last = cast(_Status, result), len(result) - 1
+            return [buf for i, (cid, descriptors) in enumerate(status)
                     for buf in block_status_reply(req.cookie, cid, descriptors, i == last)]
         return simple_reply(req.cookie)
 
@@ -144,12 +160,17 @@ class RequestHandler:
             return ext_error_reply(cookie, offset, nbd_error_for(code, req.flags),
                                    result if isinstance(result, bytes) else b"")
         if req.cmd is _READ:
+            if isinstance(result, list):
+                pieces, last = cast(Pieces, result), len(result) - 1
+                return [buf for i, (at, n, data) in enumerate(pieces) for buf in (
+                    ext_hole_chunk_reply(cookie, offset, at, n, i == last) if data is None
+                    else ext_data_chunk_reply(cookie, offset, at, data, i == last))]
             assert isinstance(result, bytes | memoryview)
             return ext_read_reply(cookie, offset, result)
         if req.cmd is _BLOCK_STATUS:
             assert isinstance(result, list)
-            last = len(result) - 1
-            return [buf for i, (cid, descriptors) in enumerate(result)
+            status, last = cast(_Status, result), len(result) - 1
+            return [buf for i, (cid, descriptors) in enumerate(status)
                     for buf in ext_block_status_reply(cookie, offset, cid, descriptors,
                                                       i == last)]
         return [ext_reply(cookie, offset)]
@@ -184,6 +205,8 @@ class RequestHandler:
         try:
             validate_request(req, session)
             if cmd is Cmd.READ:
+                if self._sparse and not flags & _DF:
+                    return sparse_read(ctx, req.length, req.offset), 0
                 return ctx.pread(req.length, req.offset), 0
             if cmd is Cmd.WRITE:
                 if req.data is None:  # the parser could not allocate the payload
