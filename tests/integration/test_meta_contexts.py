@@ -51,6 +51,24 @@ def _map(uri: str, context: str) -> list[tuple[int, int, int]]:
     return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
 
 
+def _selected_client(sock: Path, queries: list[bytes]) -> tuple[ExtClient, dict[bytes, int]]:
+    c = ExtClient(sock)
+    c.start()
+    c.send_option(OPT_EXTENDED_HEADERS)
+    assert c.option_reply()[1] == REP_ACK
+    c.send_option(OPT_SET_META, struct.pack(">II", 0, len(queries)) + b"".join(
+        struct.pack(">I", len(q)) + q for q in queries))
+    ids = {}
+    while True:
+        _, reply, data = c.option_reply()
+        if reply == REP_ACK:
+            break
+        assert reply == REP_META_CONTEXT
+        ids[data[4:]] = struct.unpack_from(">I", data)[0]
+    assert c.go() == REP_ACK
+    return c, ids
+
+
 def test_listed_and_mapped_by_nbdinfo(start_server: StartServer) -> None:
     server = start_server(EXAMPLE, f"size={SIZE}")
     info = json.loads(run_client(["nbdinfo", "--json", server.uri], env=client_env()).stdout)
@@ -110,23 +128,11 @@ def test_extended_headers_one_chunk_per_context(start_server: StartServer) -> No
     server = start_server(EXAMPLE, f"size={SIZE}")
     _write_pattern(server.uri)
     assert server.sock is not None
-    with ExtClient(server.sock) as c:
-        c.start()
-        c.send_option(OPT_EXTENDED_HEADERS)
-        assert c.option_reply()[1] == REP_ACK
-        queries = [GENERATION, b"base:allocation", GENERATION, b"example:"]
-        c.send_option(OPT_SET_META, struct.pack(">II", 0, len(queries)) + b"".join(
-            struct.pack(">I", len(q)) + q for q in queries))
-        ids = {}
-        while True:
-            _, reply, data = c.option_reply()
-            if reply == REP_ACK:
-                break
-            assert reply == REP_META_CONTEXT
-            ids[data[4:]] = struct.unpack_from(">I", data)[0]
+    c, ids = _selected_client(server.sock, [GENERATION, b"base:allocation", GENERATION,
+                                            b"example:"])
+    with c:
         # Exact names select (once each); the namespace query "example:" selects nothing.
         assert list(ids) == [GENERATION, b"base:allocation"]
-        assert c.go() == REP_ACK
         c.request(CMD_BLOCK_STATUS, 2 * PAGE, 3 * PAGE, cookie=7)
         chunks = [c.chunk() for _ in range(2)]
     by_id = {}
@@ -271,23 +277,6 @@ def test_bad_answers_fail_the_request(start_server: StartServer, workdir: Path) 
 
 
 FLAG_PAYLOAD_LEN, FLAG_BLOCK_STAT_PAYLOAD, TYPE_ERROR = 1 << 5, 1 << 12, 2**15 + 1
-
-
-def _selected_client(sock: Path, queries: list[bytes]) -> tuple[ExtClient, dict[bytes, int]]:
-    c = ExtClient(sock)
-    c.start()
-    c.send_option(OPT_EXTENDED_HEADERS)
-    assert c.option_reply()[1] == REP_ACK
-    c.send_option(OPT_SET_META, struct.pack(">II", 0, len(queries)) + b"".join(
-        struct.pack(">I", len(q)) + q for q in queries))
-    ids = {}
-    while True:
-        _, reply, data = c.option_reply()
-        if reply == REP_ACK:
-            break
-        ids[data[4:]] = struct.unpack_from(">I", data)[0]
-    assert c.go() == REP_ACK
-    return c, ids
 
 
 def test_block_status_payload_picks_contexts(start_server: StartServer) -> None:
