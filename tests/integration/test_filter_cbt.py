@@ -82,13 +82,15 @@ def test_big_disk_and_block_size(start_server: StartServer) -> None:
         ((1 << 32) - 4096, 8192), (size - 4096, 4096)]
 
 
-def _serve(workdir: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _serve(workdir: Path, state: Path, *extra: str,
+           procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     sock = workdir / "p.sock"
     sock.unlink(missing_ok=True)
     log = open(workdir / "p.log", "ab")  # noqa: SIM115 (the process owns it)
     proc = subprocess.Popen([LUANBD, "-f", "-U", str(sock), "--filter=cbt", SPARSE,
                              "size=1M", f"cbt-file={state}", *extra],
                             stdout=log, stderr=log, env=client_env())
+    procs.append(proc)
     deadline = time.monotonic() + 15
     while not sock.exists():
         assert proc.poll() is None and time.monotonic() < deadline, \
@@ -99,20 +101,31 @@ def _serve(workdir: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def test_persistence(workdir: Path) -> None:
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        _persistence(workdir, procs)
+    finally:  # a failed check leaves no server behind
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _persistence(workdir: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     state = workdir / "bitmap"
     uri = f"nbd+unix:///?socket={workdir / 'p.sock'}"
     logfile = workdir / "p.log"
-    proc = _serve(workdir, state)
+    proc = _serve(workdir, state, procs=procs)
     _change(uri)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     # A clean stop keeps the bitmap.
-    proc = _serve(workdir, state)
+    proc = _serve(workdir, state, procs=procs)
     assert _dirty(uri) == [(0, 2 * K64), (5 * K64, 2 * K64), (10 * K64, K64)]
     proc.kill()
     proc.wait()
     # After SIGKILL everything counts as changed, with one line saying why.
-    proc = _serve(workdir, state)
+    proc = _serve(workdir, state, procs=procs)
     assert _dirty(uri) == [(0, 1 << 20)]
     assert logfile.read_text().count("every block counts as changed: the server did not "
                                      "stop cleanly") == 1
@@ -125,20 +138,20 @@ def test_persistence(workdir: Path) -> None:
     data = bytearray(state.read_bytes())
     data[-1] ^= 0xFF
     state.write_bytes(bytes(data))
-    proc = _serve(workdir, state)
+    proc = _serve(workdir, state, procs=procs)
     assert _dirty(uri) == [(0, 1 << 20)]
     assert "is damaged" in logfile.read_text()
     # A clean stop while "everything changed" is still owed keeps owing it.
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
-    proc = _serve(workdir, state)
+    proc = _serve(workdir, state, procs=procs)
     assert _dirty(uri) == [(0, 1 << 20)]
     proc.send_signal(signal.SIGUSR1)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     # Another block size than the saved one.
-    proc = _serve(workdir, state, "cbt-blocksize=128K")
+    proc = _serve(workdir, state, "cbt-blocksize=128K", procs=procs)
     assert _dirty(uri) == [(0, 1 << 20)]
     assert "another block size (65536)" in logfile.read_text()
     proc.send_signal(signal.SIGTERM)
