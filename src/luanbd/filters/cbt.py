@@ -151,6 +151,8 @@ class Filter(Backend):
         #: None: the saved bitmap was loaded (or there is none); else why all is changed.
         self._all_dirty: str | None = None
         self._loaded_size: int | None = None
+        #: Counts clears: a write in flight across a clear is marked again after it.
+        self._generation = 0
 
     @property
     def context(self) -> bytes:
@@ -192,9 +194,14 @@ class Filter(Backend):
         signal.signal(signal.SIGUSR1, self._on_clear)
 
     def _on_clear(self, signum: int, frame: Any) -> None:
+        # Not in the handler itself: with -s the main thread serves and may hold the lock.
+        threading.Thread(target=self._clear, name="cbt-clear", daemon=True).start()
+
+    def _clear(self) -> None:
         with self.bitmap.lock:
             self.bitmap.bits[:] = bytes(len(self.bitmap.bits))
             self._all_dirty = None
+            self._generation += 1
             self._save(_IN_USE)
         log.error("cbt: bitmap cleared (SIGUSR1): a new generation starts")
 
@@ -227,22 +234,30 @@ class Filter(Backend):
         # The plugin's own contexts pass (offsets and data are the plugin's).
         return (*below, self.context)
 
-    def _mark(self, count: int, offset: int) -> None:
+    def _mark(self, count: int, offset: int) -> int:
         bs = self.blksize
         with self.bitmap.lock:
             self.bitmap.mark(offset // bs, _ceil(offset + count, bs))
+            return self._generation
+
+    def _changing(self, count: int, offset: int, call: Callable[[], None]) -> None:
+        """Mark, then change: and if a clear came in between, mark again, so the new
+        generation sees a write that landed after it began."""
+        generation = self._mark(count, offset)
+        try:
+            call()
+        finally:
+            if self._generation != generation:
+                self._mark(count, offset)
 
     def pwrite(self, next: Context, h: Handle, buf: bytes, offset: int, flags: int) -> None:
-        self._mark(len(buf), offset)
-        next.pwrite(buf, offset, flags)
+        self._changing(len(buf), offset, lambda: next.pwrite(buf, offset, flags))
 
     def trim(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
-        self._mark(count, offset)
-        next.trim(count, offset, flags)
+        self._changing(count, offset, lambda: next.trim(count, offset, flags))
 
     def zero(self, next: Context, h: Handle, count: int, offset: int, flags: int) -> None:
-        self._mark(count, offset)
-        next.zero(count, offset, flags)
+        self._changing(count, offset, lambda: next.zero(count, offset, flags))
 
     def meta_extents(self, next: Context, h: Handle, context: bytes,  # noqa: PLR0917
                      count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
