@@ -16,7 +16,7 @@ import sys
 from typing import NoReturn
 
 from luanbd import __version__, log
-from luanbd.backend.helpers import parse_delay, parse_size
+from luanbd.backend.helpers import delay_seconds, parse_size
 from luanbd.backend.interface import StartupError
 from luanbd.config import (
     DEFAULT_CONNECTION_LIMIT,
@@ -395,7 +395,7 @@ def _delay(option: str, value: str | None, default: float | None) -> float | Non
     if value is None:
         return default
     try:
-        seconds = parse_delay(option, value)
+        seconds = delay_seconds(option, value)
     except ValueError as err:
         raise UsageError(str(err)) from None
     return seconds or None

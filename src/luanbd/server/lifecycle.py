@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Protocol
 
 from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, StartupError
 from luanbd.backend.meta import chain_contexts
@@ -90,6 +91,7 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
     try:
         if config.tls is not TlsMode.OFF and not dump_plugin:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
+        current.set_stdio(listen_stdin=config.single, configured=False)
         chain = startup.load()
         if dump_plugin:
             # Output that cannot be written (a closed pipe, a full disk) is the command's
@@ -97,6 +99,8 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
             startup.dump_plugin(chain)
             return 0
         startup.ready(chain)
+        # nbdkit sets `configured` after get_ready: stdio may be closed from now on.
+        current.set_stdio(configured=True)
         meta_contexts = chain_contexts(chain)
     except UsageError as err:
         log.usage_error(str(err))
