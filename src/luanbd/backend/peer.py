@@ -16,8 +16,8 @@ from luanbd.log import debug
 #: struct ucred: pid_t pid; uid_t uid; gid_t gid (uid_t and gid_t are unsigned).
 _UCRED = struct.Struct("iII")
 _SO_PEERSEC = getattr(socket, "SO_PEERSEC", 31)
-#: The longest security label read (Linux labels are far shorter).
-MAX_LABEL = 4096
+#: The longest security label read: CPython's getsockopt limit (Linux labels are far shorter).
+MAX_LABEL = 1024
 
 
 def _open(sock: socket.socket | None) -> socket.socket:

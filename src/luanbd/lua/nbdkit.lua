@@ -34,9 +34,10 @@ local function check(name, i, v, want)
 end
 
 -- Call a Python primitive that answers (value) or (nil, message); raise the message.
+-- Every nbdkit.* function tail-calls prim, so level 2 is the script's line that called it.
 local function prim(name, ...)
   local v, msg = py[name](...)
-  if msg ~= nil then error(tostring(msg), 3) end
+  if msg ~= nil then error(tostring(msg), 2) end
   return v
 end
 
