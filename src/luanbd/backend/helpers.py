@@ -43,6 +43,12 @@ _DIGITS = re.compile(r"[0-9]*")
 _HEXDIGITS = re.compile(r"[0-9a-fA-F]*")
 
 
+def _run(pattern: re.Pattern[str], text: str, pos: int) -> str:
+    """The characters of ``pattern`` (which matches empty too) from ``text[pos]`` on."""
+    m = pattern.match(text, pos)
+    return m.group() if m else ""
+
+
 def _scan_double(text: str, pos: int = 0) -> tuple[float, int] | None:
     """What glibc's ``sscanf(str, "%lg%n")`` reads at ``text[pos:]`` (C locale): the number
     and where it ends, or None for no conversion.  glibc's own ways are kept, since nbdkit
@@ -65,12 +71,12 @@ def _scan_double(text: str, pos: int = 0) -> tuple[float, int] | None:
     hexa = word[:2] == "0x"
     digits = _HEXDIGITS if hexa else _DIGITS
     j = i + 2 if hexa else i
-    whole = digits.match(text, j).group()
+    whole = _run(digits, text, j)
     j += len(whole)
     frac = ""
     point = text[j:j + 1] == "."
     if point:
-        frac = digits.match(text, j + 1).group()
+        frac = _run(digits, text, j + 1)
         j += 1 + len(frac)
     if not whole and not frac and not (hexa and point):
         return None
@@ -79,7 +85,7 @@ def _scan_double(text: str, pos: int = 0) -> tuple[float, int] | None:
         j += 1
         esign = text[j:j + 1] if text[j:j + 1] in ("+", "-") else ""
         j += len(esign)
-        edigits = _DIGITS.match(text, j).group()
+        edigits = _run(_DIGITS, text, j)
         j += len(edigits)
         exponent = esign + edigits if edigits else ""
     mantissa = f"{whole or '0'}.{frac or '0'}"
