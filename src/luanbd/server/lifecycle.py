@@ -86,7 +86,11 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
     tune_malloc(config)  # before the Lua state and any thread allocate
     log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
     if config.log_to is not None:
-        log.set_destination(config.log_to)
+        try:
+            log.set_destination(config.log_to, config.log_file)
+        except OSError as err:
+            log.usage_error(f"{config.log_file}: fopen: {err.strerror}")  # nbdkit's words
+            return 1
     ssl_context = None
     try:
         if config.tls is not TlsMode.OFF and not dump_plugin:
@@ -138,7 +142,7 @@ def _serve(server: Server, after_fork: Callable[[], None]) -> int:
         server.bind()
         _drop_privileges(config)
         if config.print_uri and server.endpoint is not None:
-            print(server.endpoint.uri, flush=True)
+            print(server.endpoint.print_uri(), end="", flush=True)
         ready = _daemonize(config) if not config.foreground else None
         if pidfile:
             try:
