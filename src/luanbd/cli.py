@@ -295,7 +295,9 @@ def parse_args(argv: list[str]) -> Command:
         foreground=(ns.foreground or ns.run is not None or ns.exit_with_parent or ns.single
                     or bool(listen_fds)),
         unix_socket=None if ns.unix in (None, "-") else ns.unix,
-        private_socket=ns.unix == "-",
+        # Since nbdkit 1.36 --run implies -U - unless -p or --vsock names the endpoint.
+        private_socket=ns.unix == "-" or (ns.run is not None and ns.unix is None
+                                          and port is None and not ns.vsock),
         port=port,
         ipaddr=ns.ipaddr,
         ip_family=ns.ip_family,

@@ -45,9 +45,30 @@ def set_destination(destination: LogTo, path: str | None = None) -> None:
     _destination = destination
 
 
+_C_ESCAPES = {ord("\\"): "\\\\", 7: "\\a", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r",
+              9: "\\t", 11: "\\v"}
+
+
+def c_string_quote(message: str) -> str:
+    """nbdkit 1.36's escaping of debug lines (common/utils/quote.c): C escapes for
+    backslash and the control characters, \\xNN for every other byte outside printable
+    ASCII (so each byte of a UTF-8 character)."""
+    if message.isascii() and message.isprintable() and "\\" not in message:
+        return message
+    out = []
+    for byte in message.encode("utf-8", "surrogateescape"):
+        if byte in _C_ESCAPES:
+            out.append(_C_ESCAPES[byte])
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
 def _emit(level: str, message: str) -> None:
     # One line per message: a multi-line plugin error would otherwise look like several.
-    text = message.replace("\n", "\\n")
+    text = c_string_quote(message) if level == "debug" else message.replace("\n", "\\n")
     if _destination is LogTo.NULL:
         return
     if _destination is LogTo.SYSLOG:

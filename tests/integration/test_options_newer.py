@@ -211,3 +211,37 @@ def test_help_names_the_long_options() -> None:
                  "default|/path", "--print-uri"):
         assert name in out, name
 
+
+
+# --- --run's default socket, --dump-config, debug escaping ------------------------------------
+def test_run_alone_serves_a_private_unix_socket() -> None:
+    """nbdkit 1.36: --run implies -U - unless -p or --vsock is given."""
+    run = 'echo "$uri|$port|$unixsocket"; nbdinfo --size "$uri"'
+    result = run_luanbd(DISK, "size=1M", "--run", run)
+    assert result.returncode == 0, result.stderr
+    uri, port, sock = result.stdout.splitlines()[0].split("|")
+    assert uri == f"nbd+unix://?socket={sock}" and port == "" and sock.endswith("/socket")
+    assert result.stdout.splitlines()[1] == "1048576"
+    assert not Path(sock).exists()  # the private socket is removed at exit
+    port_number = free_tcp_port()
+    tcp = run_luanbd("-i", "127.0.0.1", "-p", str(port_number), DISK, "--run", 'echo "$uri"')
+    assert tcp.stdout.strip() == f"nbd://localhost:{port_number}"
+
+
+def test_dump_config_has_nbdkits_newer_keys() -> None:
+    config = dict(line.split("=", 1) for line in run_luanbd("--dump-config").stdout.splitlines())
+    assert config["run_default_socket"] == "Unix"     # nbdkit 1.36
+    assert config["max_api_version"] == "2"           # 1.38
+    assert config["timeout_option"] == "yes"          # 1.42
+    assert config["vsock_option"] == "yes"            # 1.42
+    assert config["exit_with_parent"] == "yes"        # 1.34
+
+
+def test_debug_lines_are_escaped_as_nbdkit_136(tmp_path: Path) -> None:
+    """Control characters, backslashes and non-ASCII bytes of a debug message come out
+    C-escaped (nbdkit's c_string_quote); error lines keep their text."""
+    path = tmp_path / "debug.lua"
+    path.write_text(FAILING.replace('nbdkit.debug("reading %d", offset)',
+                                    'nbdkit.debug("tab\\there\\\\ d\\u{fc} bell\\a")'))
+    result = run_luanbd("-v", "-U", "-", str(path), "--run", 'nbdsh -u "$uri" -c "h.pread(1, 0)"')
+    assert "luanbd: debug: tab\\there\\\\ d\\xc3\\xbc bell\\a\n" in result.stderr
