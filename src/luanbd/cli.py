@@ -8,24 +8,25 @@ and exit 1, as nbdkit does (argparse would exit 2).
 from __future__ import annotations
 
 import argparse
-import grp
 import os
-import pwd
 import re
 import sys
 from typing import NoReturn
 
 from luanbd import __version__, log
-from luanbd.backend.helpers import parse_delay, parse_size
 from luanbd.backend.interface import StartupError
-from luanbd.config import (
-    DEFAULT_CONNECTION_LIMIT,
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    OptionError,
-    ServerConfig,
-    UsageError,
+from luanbd.cli_values import (
+    connection_limit,
+    delay_option,
+    group_id,
+    parse_debug_flag,
+    parse_log,
+    parse_tls,
+    size_option,
+    socket_activation_fds,
+    user_id,
 )
-from luanbd.log import LogTo
+from luanbd.config import DEFAULT_HANDSHAKE_TIMEOUT, OptionError, ServerConfig, UsageError
 from luanbd.protocol.constants import HandshakeFlag
 from luanbd.protocol.handshake import TlsMode
 
@@ -35,7 +36,8 @@ _CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 SYNOPSIS = """\
 luanbd [-4|--ipv4-only] [-6|--ipv6-only] [-e|--exportname EXPORTNAME]
        [--exit-with-parent] [-f|--foreground] [-i|--ipaddr IPADDR]
-       [--log=stderr|syslog|null] [--lua=5.4|5.1|5.2|5.3|5.5|luajit]
+       [--log=stderr|syslog|null|default|/path]
+       [--lua=5.4|5.1|5.2|5.3|5.5|luajit]
        [--mask-handshake=MASK] [-n|--newstyle] [--no-sr] [--no-mc] [-o|--oldstyle]
        [-P|--pidfile PIDFILE] [-p|--port PORT] [-r|--readonly]
        [--run 'COMMAND ARGS ...'] [-s|--single] [-t|--threads THREADS]
@@ -71,6 +73,7 @@ Listening options:
   --keepalive                      SO_KEEPALIVE on TCP connections
   --print-uri                      print the URI of the server once listening
   -n, --newstyle / -o, --oldstyle  handshake flavour (newstyle by default)
+  --no-structured-replies / --no-meta-contexts
   --no-sr, --no-mc                 refuse structured replies / meta contexts
   --sparse-reads                   answer the zero ranges of READs with holes (luanbd)
   --mask-handshake=MASK            mask the handshake's global flags
@@ -105,7 +108,9 @@ Plugin options:
 Debug and logging options:
   -v, --verbose                    debug messages
   -D, --debug NAME.FLAG=N          debug flags (lua.* and luanbd.* turn on debug messages)
-  --log=stderr|syslog|null         where messages go
+  --log=stderr|syslog|null|default|/path
+                                   where error messages go (/path: appended to the
+                                   file; debug messages stay on stderr)
 
 Information options:
   -h, --help                       this text (and the script's config_help)
@@ -145,7 +150,7 @@ def _parser() -> _Parser:
     a("--filter", action="append", default=[])
     a("-h", "--help", action="store_true")
     a("-i", "--ipaddr", "--ip-addr")
-    a("--log", choices=[m.value for m in LogTo])
+    a("--log")
     a("--lua", default="5.4")
     a("--mask-handshake", type=lambda s: int(s, 0))
     a("-n", "--newstyle", action="store_true")
@@ -231,69 +236,6 @@ def resolve_script(name: str) -> str:
                      f"{plugin_dir()}")
 
 
-_TRUE = ("1", "true", "t", "yes", "y", "on")
-_FALSE = ("0", "false", "f", "no", "n", "off")
-
-
-def parse_tls(value: str) -> TlsMode:
-    """nbdkit's --tls: require/required/force, or any boolean (on/off, yes/no, 1/0...)."""
-    v = value.lower()
-    if v in ("require", "required", "force"):
-        return TlsMode.REQUIRE
-    if v in _TRUE:
-        return TlsMode.ON
-    if v in _FALSE:
-        return TlsMode.OFF
-    raise UsageError(f"--tls: could not decode the --tls option: {value}")
-
-
-def parse_debug_flag(flag: str) -> tuple[str, str, int]:
-    """``-D NAME.FLAG=N`` -> (NAME, FLAG, N), as nbdkit (N accepts 0x and 0 prefixes)."""
-    name_flag, eq, value = flag.partition("=")
-    name, dot, flagname = name_flag.partition(".")
-    try:
-        number = int(value, 0) if eq else None
-    except ValueError:
-        number = None
-    if not (name and dot and flagname) or number is None:
-        raise UsageError(f"-D (Debug Flag) must have the format NAME.FLAG=N: {flag}")
-    return name, flagname, number
-
-
-def _user_id(name: str) -> int:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        if name.isdigit():
-            return int(name)
-    raise UsageError(f"-u option: user {name} not found")
-
-
-def _group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        if name.isdigit():
-            return int(name)
-    raise UsageError(f"-g option: group {name} not found")
-
-
-def socket_activation_fds() -> int:
-    """systemd socket activation: the number of listening fds (from 3 on) passed to us,
-    0 if LISTEN_PID is not our pid.  The variables are removed from our environment, so
-    that the script's children do not see them."""
-    pid, fds = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
-    if not pid or not fds:
-        return 0
-    if not pid.isdigit() or int(pid) != os.getpid():
-        return 0
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    if not fds.isdigit() or int(fds) < 1:
-        raise UsageError(f"socket activation: LISTEN_FDS={fds}: not a positive number")
-    return int(fds)
-
-
 def parse_args(argv: list[str]) -> Command:
     ns = _parser().parse_intermixed_args(argv)
     cmd = Command()
@@ -310,7 +252,8 @@ def parse_args(argv: list[str]) -> Command:
         if params:
             raise StartupError("the first parameter must be script=/path/to/script.lua")
         raise UsageError("no Lua script given (try: luanbd SCRIPT.lua, or luanbd --help)")
-    connection_limit = _connection_limit(ns.limit, ns.filter, params)
+    limit = connection_limit(ns.limit, ns.filter, params)
+    log_to, log_file = parse_log(ns.log)
     tls = parse_tls(ns.tls)
     if ns.tls_psk is not None:
         from luanbd.server.tls import psk_unsupported_message
@@ -321,8 +264,8 @@ def parse_args(argv: list[str]) -> Command:
     debug_flags = tuple(ns.debug)
     for flag in debug_flags:
         parse_debug_flag(flag)
-    uid = _user_id(ns.user) if ns.user is not None else None
-    gid = _group_id(ns.group) if ns.group is not None else None
+    uid = user_id(ns.user) if ns.user is not None else None
+    gid = group_id(ns.group) if ns.group is not None else None
     listen_fds = socket_activation_fds()
     if listen_fds and (ns.ipaddr or ns.port or ns.unix or ns.single or ns.run is not None):
         raise UsageError("cannot use socket activation with -i, -p, -s, -U or --run options")
@@ -354,7 +297,9 @@ def parse_args(argv: list[str]) -> Command:
         foreground=(ns.foreground or ns.run is not None or ns.exit_with_parent or ns.single
                     or bool(listen_fds)),
         unix_socket=None if ns.unix in (None, "-") else ns.unix,
-        private_socket=ns.unix == "-",
+        # Since nbdkit 1.36 --run implies -U - unless -p or --vsock names the endpoint.
+        private_socket=ns.unix == "-" or (ns.run is not None and ns.unix is None
+                                          and port is None and not ns.vsock),
         port=port,
         ipaddr=ns.ipaddr,
         ip_family=ns.ip_family,
@@ -372,7 +317,8 @@ def parse_args(argv: list[str]) -> Command:
         sparse_reads=ns.sparse_reads,
         handshake_flags=flags,
         tls=tls,
-        log_to=LogTo(ns.log) if ns.log else None,
+        log_to=log_to,
+        log_file=log_file,
         debug_flags=debug_flags,
         tls_certificates=ns.tls_certificates,
         tls_verify_peer=ns.tls_verify_peer,
@@ -381,52 +327,16 @@ def parse_args(argv: list[str]) -> Command:
         uid=uid,
         gid=gid,
         listen_fds=listen_fds,
-        handshake_timeout=_delay("--timeout", ns.timeout, DEFAULT_HANDSHAKE_TIMEOUT),
-        connection_limit=connection_limit,
+        handshake_timeout=delay_option("--timeout", ns.timeout, DEFAULT_HANDSHAKE_TIMEOUT),
+        connection_limit=limit,
         filters=tuple(f for f in ns.filter if f != "limit"),
-        request_timeout=_delay("--request-timeout", ns.request_timeout, None),
-        lua_memory_limit=(_size("--lua-memory-limit", ns.lua_memory_limit)
+        request_timeout=delay_option("--request-timeout", ns.request_timeout, None),
+        lua_memory_limit=(size_option("--lua-memory-limit", ns.lua_memory_limit)
                           if ns.lua_memory_limit is not None else None),
         lua_gc=ns.lua_gc,
         vsock=ns.vsock,
     )
     return cmd
-
-
-def _delay(option: str, value: str | None, default: float | None) -> float | None:
-    """A delay option in nbdkit_parse_delay's format; 0 means no limit."""
-    if value is None:
-        return default
-    try:
-        seconds = parse_delay(option, value)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return seconds or None
-
-
-def _size(option: str, value: str) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as err:
-        raise UsageError(f"{option}: {err}") from None
-
-
-def _connection_limit(limit: str | None, filters: list[str],
-                      params: list[tuple[str | None, str]]) -> int:
-    """``--limit=N``, or nbdkit's ``--filter=limit [limit=N]`` (default 1, as
-    nbdkit-limit-filter(1)); the filter's ``limit=`` is its own, not the script's."""
-    value = limit
-    if "limit" in filters:
-        own = [p for p in params if p[0] == "limit"]
-        for item in own:
-            params.remove(item)
-        if value is None:
-            value = own[-1][1] if own else "1"
-    if value is None:
-        return DEFAULT_CONNECTION_LIMIT
-    if not value.isdigit():
-        raise UsageError(f"--limit: {value}: not a number of connections")
-    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,8 @@ class ServerConfig:
     handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     tls: TlsMode = TlsMode.OFF
     log_to: LogTo | None = None
+    #: --log=/path (LogTo.FILE): errors are appended to this file.
+    log_file: str | None = None
     debug_flags: tuple[str, ...] = field(default=())
     #: --tls-certificates: nbdkit's layout (server-cert.pem, server-key.pem, ca-cert.pem).
     tls_certificates: str | None = None

@@ -36,11 +36,15 @@ def dump_config() -> str:
         f"lua_incomplete={','.join(incomplete)}",
         f"lua_versions={','.join(installed)}",
         f"lualib={lualib.state(ServerConfig(script='').lualib)}",
+        "max_api_version=2",  # of Lua scripts (API_VERSION), as nbdkit 1.38 prints its own
         f"plugindir={plugin_dir()}",
+        "run_default_socket=Unix",  # --run alone serves a private Unix socket (nbdkit 1.36)
+        "timeout_option=yes",  # nbdkit 1.42's key
         "tls=yes",
         "tls_psk=no",
         f"version={__version__}",
         f"version_major={major}",
         f"version_minor={minor}",
+        "vsock_option=yes",
     ]
     return "\n".join(lines)

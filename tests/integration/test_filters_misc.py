@@ -398,13 +398,13 @@ def test_time_limit_idle_and_disabled() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("time-limit=soon",), "time-limit: could not parse delay: soon"),
-    (("time-limit=-1",), "time-limit: could not parse delay: -1"),
+    (("time-limit=soon",), 'time-limit: could not parse delay or sleep: "soon"'),
+    (("time-limit=-1",), 'time-limit: could not parse delay or sleep: "-1"'),
     (("evil=bogus",), "evil: unknown mode: bogus"),
     (("evil-probability=2",), "evil-probability: probability out of range, should be [0..1]"),
     (("evil-stuck-probability=150%",),
      "evil-stuck-probability: probability out of range, should be [0..1]"),
-    (("evil-probability=x",), "evil-probability: could not parse 'x'"),
+    (("evil-probability=x",), "evil-probability: could not parse 'x' as a probability"),
     (("evil-seed=-1",), "evil-seed: negative numbers are not allowed"),
     (("evil-seed=4294967296",),
      'evil-seed: could not parse number: "4294967296": Numerical result out of range'),

@@ -30,6 +30,10 @@ class ConnectionInfo:
 _local = threading.local()
 
 _shutdown: Callable[[], None] | None = None
+#: nbdkit_stdio_safe's two facts: -s (stdin and stdout are the client's socket), and
+#: whether the plugin is configured (from after get_ready on, when stdio may be closed).
+_listen_stdin = False
+_configured = False
 #: Set while the server stops: sleeps in plugins and filters end early (nbdkit_nanosleep).
 _stopping = threading.Event()
 
@@ -42,12 +46,41 @@ def set_stopping(stopping: bool) -> None:
         _stopping.clear()
 
 
+#: nbdkit_nanosleep's messages.
+SLEEP_ABORTED = "aborting sleep because of server shut down"
+SLEEP_TOO_LONG = "sleep request is too long"
+_INT_MAX = (1 << 31) - 1
+
+
 def nanosleep(seconds: float, call: str) -> None:
     """nbdkit_nanosleep: sleep ``seconds``; a server that begins to stop meanwhile ends the
     sleep, and ``call`` fails with ESHUTDOWN and nbdkit's line."""
     if _stopping.wait(seconds):
-        raise PluginError(call, "aborting sleep because of server shut down", errno.ESHUTDOWN,
-                          bare=True)
+        raise PluginError(call, SLEEP_ABORTED, errno.ESHUTDOWN, bare=True)
+
+
+def sleep_for(sec: int, nsec: int) -> tuple[str, int] | None:
+    """nbdkit_nanosleep(sec, nsec) for scripts: None after the whole sleep, else nbdkit's
+    message and errno (EINVAL for sec >= INT_MAX, ESHUTDOWN when the server stops)."""
+    if sec >= _INT_MAX - nsec // 1000000000:
+        return SLEEP_TOO_LONG, errno.EINVAL
+    if _stopping.wait(sec + nsec / 1e9):
+        return SLEEP_ABORTED, errno.ESHUTDOWN
+    return None
+
+
+def set_stdio(*, listen_stdin: bool | None = None, configured: bool | None = None) -> None:
+    """The server tells what nbdkit_stdio_safe depends on: -s, and the plugin configured."""
+    global _listen_stdin, _configured
+    if listen_stdin is not None:
+        _listen_stdin = listen_stdin
+    if configured is not None:
+        _configured = configured
+
+
+def stdio_safe() -> bool:
+    """nbdkit_stdio_safe: may the plugin read stdin / write stdout (password=-, script=-)?"""
+    return not _listen_stdin and not _configured
 
 
 def set_shutdown_handler(handler: Callable[[], None] | None) -> None:

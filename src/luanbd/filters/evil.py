@@ -17,12 +17,11 @@ it reports as holes) are left as they are: combine with noextents to corrupt tho
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from collections.abc import Callable
 
 from luanbd import log
+from luanbd.backend import helpers
 from luanbd.backend.chain import Backend, Context
 from luanbd.backend.interface import EXTENT_HOLE, Handle, PluginError, StartupError, ThreadModel
 from luanbd.filters.params import parse_number
@@ -33,26 +32,14 @@ MASK64 = (1 << 64) - 1
 MODES = {"cosmic-rays": "cosmic-rays", "cosmic": "cosmic-rays",
          "stuck-bits": "stuck-bits", "stuck-bit": "stuck-bits", "stuck": "stuck-bits",
          "stuck-wires": "stuck-wires", "stuck-wire": "stuck-wires"}
-_FLOAT = r"\s*[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"
-_PROB = re.compile(rf"({_FLOAT})\s*(?:(%)|[:/]({_FLOAT}))?\s*\Z")
 
 
 def parse_probability(what: str, value: str) -> float:
-    """nbdkit_parse_probability: ``0.1``, ``1e-1``, ``10%``, ``1:10``, ``1/10``."""
-    m = _PROB.match(value)
-    if m is None:
-        raise StartupError(f"{what}: could not parse '{value}'")
-    p = float(m.group(1))
-    if m.group(2):
-        p /= 100
-    elif m.group(3) is not None:
-        d = float(m.group(3))
-        if d == 0:
-            raise StartupError(f"{what}: divide by zero in '{value}'")
-        p /= d
-    if not math.isfinite(p) or p < 0:
-        raise StartupError(f"{what}: probability out of range '{value}'")
-    return p
+    """nbdkit_parse_probability (backend/helpers.py), as a start-up error."""
+    try:
+        return helpers.parse_probability(what, value)
+    except ValueError as err:
+        raise StartupError(str(err)) from None
 
 
 class Random:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from luanbd import log
 from luanbd.backend import current
 from luanbd.backend.chain import Backend, Context
-from luanbd.backend.helpers import parse_delay
+from luanbd.backend.helpers import delay_seconds
 from luanbd.backend.interface import Handle, LoggedError, StartupError
 
 KEYS = ("time-limit", "time_limit", "timelimit")
@@ -42,7 +42,7 @@ class Filter(Backend):
     def config(self, next: Callable[[str, str], None], key: str, value: str) -> None:
         if key in KEYS:
             try:
-                self.limit = parse_delay(key, value)
+                self.limit = delay_seconds(key, value)
             except ValueError as err:
                 raise StartupError(str(err)) from None
         else:

@@ -3,7 +3,7 @@
 -- is called.  `py` holds the few primitives that must be done in Python (nbdkit_table.py).
 local py = ...
 local type, tostring, pcall, error, select = type, tostring, pcall, error, select
-local getmetatable, format, floor = getmetatable, string.format, math.floor
+local getmetatable, format, floor, ipairs = getmetatable, string.format, math.floor, ipairs
 
 local nbdkit = {
   -- errno values (Linux), as nbdkit plugins know them
@@ -34,9 +34,10 @@ local function check(name, i, v, want)
 end
 
 -- Call a Python primitive that answers (value) or (nil, message); raise the message.
+-- Every nbdkit.* function tail-calls prim, so level 2 is the script's line that called it.
 local function prim(name, ...)
   local v, msg = py[name](...)
-  if msg ~= nil then error(tostring(msg), 3) end
+  if msg ~= nil then error(tostring(msg), 2) end
   return v
 end
 
@@ -59,9 +60,59 @@ function nbdkit.realpath(s) check("realpath", 1, s, "string"); return prim("real
 function nbdkit.absolute_path(s)
   check("absolute_path", 1, s, "string"); return prim("absolute_path", s)
 end
+-- nbdkit's newer parsers (nbdkit-plugin(3) "PARSING COMMAND LINE PARAMETERS"): `what`
+-- names the setting in the error message, as in C.
+function nbdkit.parse_probability(what, s)
+  check("parse_probability", 1, what, "string"); check("parse_probability", 2, s, "string")
+  return prim("parse_probability", what, s)
+end
+-- Two results, as nbdkit_parse_delay's two outputs: nbdkit.nanosleep(nbdkit.parse_delay(...))
+function nbdkit.parse_delay(what, s)
+  check("parse_delay", 1, what, "string"); check("parse_delay", 2, s, "string")
+  local sec, msg, nsec = py.parse_delay(what, s)
+  if msg ~= nil then error(tostring(msg), 2) end
+  return sec, nsec
+end
+-- nbdkit_parse_int, _unsigned, _int8_t ... _uint64_t: one function per C type.
+for _, ctype in ipairs({"int", "unsigned", "int8_t", "uint8_t", "int16_t", "uint16_t",
+                        "int32_t", "uint32_t", "int64_t", "uint64_t"}) do
+  local name = ctype == "int" and "parse_int" or "parse_" .. ctype
+  nbdkit[name] = function(what, s)
+    check(name, 1, what, "string"); check(name, 2, s, "string")
+    return prim("parse_int", ctype, what, s)
+  end
+end
+function nbdkit.stdio_safe() return py.stdio_safe() end
+
+-- nbdkit_nanosleep: true after the whole sleep; an error (ESHUTDOWN) as soon as the
+-- server begins to stop, or (EINVAL) for sec >= INT_MAX.
+local UINT_MAX = 4294967295
+function nbdkit.nanosleep(sec, nsec)
+  local args = {sec, nsec or 0}
+  for i = 1, 2 do
+    local v = args[i]
+    if not is_integer(v) or v < 0 or v > UINT_MAX then
+      error(format("bad argument #%d to 'nbdkit.nanosleep' (integer from 0 to %d " ..
+                   "expected, got %s)", i, UINT_MAX, type(v) == "number" and v or type(v)), 2)
+    end
+  end
+  local ok, msg, err = py.nanosleep(sec, nsec or 0)
+  if msg ~= nil then
+    last_errno = err
+    error(tostring(msg), 2)
+  end
+  return ok
+end
+
 function nbdkit.export_name() return prim("export_name") end
 function nbdkit.is_tls() return prim("is_tls") end
 function nbdkit.peer_name() return prim("peer_name") end
+function nbdkit.peer_pid() return prim("peer_pid") end
+function nbdkit.peer_uid() return prim("peer_uid") end
+function nbdkit.peer_gid() return prim("peer_gid") end
+function nbdkit.peer_security_context() return prim("peer_security_context") end
+function nbdkit.peer_tls_dn() return prim("peer_tls_dn") end
+function nbdkit.peer_tls_issuer_dn() return prim("peer_tls_issuer_dn") end
 function nbdkit.shutdown() return prim("shutdown") end
 function nbdkit.disconnect(force)
   if force ~= nil then check("disconnect", 1, force, "boolean") end

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from luanbd import __version__
-from luanbd.backend import current, helpers, password
+from luanbd.backend import current, helpers, password, peer
 from luanbd.log import debug
 from luanbd.lua.results import text
 
@@ -56,11 +56,40 @@ def primitives() -> dict[str, Callable[..., Any]]:
     def disconnect(force: bool) -> None:
         conn().disconnect(bool(force))
 
+    def sock() -> Any:
+        return conn().peer_socket
+
+    def parse_int(ctype: bytes, what: bytes, s: bytes) -> int:
+        n = helpers.parse_int(text(what), text(s), text(ctype))
+        # Lua integers are int64: a uint64_t above 2^63-1 wraps, as Lua's own hex
+        # literals do (0xffffffffffffffff == -1); math.ult compares such values.
+        return n - (1 << 64) if n > helpers.INT_TYPES["int64_t"][1] else n
+
+    def parse_delay(what: bytes, s: bytes) -> tuple[int, None, int]:
+        # Two results: the middle place is the message's of every primitive (nil here).
+        sec, nsec = helpers.parse_delay(text(what), text(s))
+        return sec, None, nsec
+
+    def nanosleep(sec: int, nsec: int) -> Any:
+        failed = current.sleep_for(int(sec), int(nsec))
+        return True if failed is None else (None, failed[0].encode(), failed[1])
+
     return {
         "verbose": debug_enabled,
         "debug": lambda msg: debug(text(msg)),
         "parse_size": guard(lambda s: helpers.parse_size(text(s))),
         "parse_bool": guard(lambda s: helpers.parse_bool(text(s))),
+        "parse_probability": guard(lambda w, s: helpers.parse_probability(text(w), text(s))),
+        "parse_delay": guard(parse_delay),
+        "parse_int": guard(parse_int),
+        "stdio_safe": current.stdio_safe,
+        "nanosleep": nanosleep,
+        "peer_pid": guard(lambda: peer.pid(sock())),
+        "peer_uid": guard(lambda: peer.uid(sock())),
+        "peer_gid": guard(lambda: peer.gid(sock())),
+        "peer_security_context": guard(lambda: peer.security_context(sock()).encode()),
+        "peer_tls_dn": guard(lambda: peer.tls_dn(sock()).encode()),
+        "peer_tls_issuer_dn": guard(lambda: peer.tls_issuer_dn(sock()).encode()),
         "read_password": guard(lambda s: password.read_password(text(s))),
         "realpath": guard(lambda s: helpers.realpath(os.fsdecode(s)).encode()),
         "absolute_path": guard(lambda s: os.fsencode(helpers.absolute_path(os.fsdecode(s)))),

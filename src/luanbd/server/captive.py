@@ -21,18 +21,44 @@ class Endpoint:
     tls: TlsMode = TlsMode.OFF
     #: --vsock: ``port`` is a vsock port (the URI names CID 1, as nbdkit's does).
     vsock: bool = False
+    #: --tls-certificates as given: named in the URI when TLS is required (nbdkit 1.40), so
+    #: that a libnbd client finds the CA certificate there.
+    tls_certificates: str | None = None
 
     @property
     def uri(self) -> str:
-        name = urllib.parse.quote(self.export_name, safe="")
+        # nbdkit's uri_quote: RFC 3986 unreserved characters and '/' stay as they are.
+        name = urllib.parse.quote(self.export_name, safe="/")
         # nbds when TLS is required (a client must use TLS), as nbdkit.
         s = "s" if self.tls is TlsMode.REQUIRE else ""
         if self.unix_socket is not None:
             path = f"/{name}" if name else ""
             socket = urllib.parse.quote(self.unix_socket, safe="/")
-            return f"nbd{s}+unix://{path}?socket={socket}"
-        host = "+vsock://1" if self.vsock else "://localhost"
-        return f"nbd{s}{host}:{self.port}" + (f"/{name}" if name else "")
+            uri = f"nbd{s}+unix://{path}?socket={socket}"
+        else:
+            host = "+vsock://1" if self.vsock else "://localhost"
+            uri = f"nbd{s}{host}:{self.port}" + (f"/{name}" if name else "")
+        if s and self.tls_certificates:
+            uri += ("&" if "?" in uri else "?") + "tls-certificates=" + \
+                urllib.parse.quote(self.tls_certificates, safe="/")
+        return uri
+
+    def print_uri(self) -> str:
+        """What ``--print-uri`` prints (nbdkit 1.40's four lines)."""
+        quoted = shell_quote(self.uri)
+        return (f"{self.uri}\nShell-quoted URI: {quoted}\n"
+                f"Command to query the NBD endpoint:\n  nbdinfo {quoted}\n")
+
+
+_SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_=,:/")
+
+
+def shell_quote(text: str) -> str:
+    """nbdkit's shell_quote: as is when only safe characters, else in double quotes with
+    ``$ ` \\ "`` escaped."""
+    if text and set(text) <= _SHELL_SAFE:
+        return text
+    return '"' + "".join("\\" + c if c in '$`\\"' else c for c in text) + '"'
 
 
 def environment(endpoint: Endpoint) -> dict[str, str]:

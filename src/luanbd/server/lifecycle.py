@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Protocol
 
 from luanbd import log
+from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, StartupError
 from luanbd.backend.meta import chain_contexts
@@ -85,11 +86,16 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
     tune_malloc(config)  # before the Lua state and any thread allocate
     log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
     if config.log_to is not None:
-        log.set_destination(config.log_to)
+        try:
+            log.set_destination(config.log_to, config.log_file)
+        except OSError as err:
+            log.usage_error(f"{config.log_file}: fopen: {err.strerror}")  # nbdkit's words
+            return 1
     ssl_context = None
     try:
         if config.tls is not TlsMode.OFF and not dump_plugin:
             ssl_context = tls.server_context(config.tls_certificates, config.tls_verify_peer)
+        current.set_stdio(listen_stdin=config.single, configured=False)
         chain = startup.load()
         if dump_plugin:
             # Output that cannot be written (a closed pipe, a full disk) is the command's
@@ -97,6 +103,8 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
             startup.dump_plugin(chain)
             return 0
         startup.ready(chain)
+        # nbdkit sets `configured` after get_ready: stdio may be closed from now on.
+        current.set_stdio(configured=True)
         meta_contexts = chain_contexts(chain)
     except UsageError as err:
         log.usage_error(str(err))
@@ -134,7 +142,7 @@ def _serve(server: Server, after_fork: Callable[[], None]) -> int:
         server.bind()
         _drop_privileges(config)
         if config.print_uri and server.endpoint is not None:
-            print(server.endpoint.uri, flush=True)
+            print(server.endpoint.print_uri(), end="", flush=True)
         ready = _daemonize(config) if not config.foreground else None
         if pidfile:
             try:

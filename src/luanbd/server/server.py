@@ -69,17 +69,18 @@ class Server:
                 path = os.path.abspath(config.unix_socket)
             self.listener = Listener([bind_unix(path)])
             self.endpoint = Endpoint(unix_socket=path, export_name=config.export_name,
-                                     tls=config.tls)
+                                     tls=config.tls, tls_certificates=config.tls_certificates)
         elif config.vsock:
             port = config.port or DEFAULT_PORT
             self.listener = Listener([bind_vsock(port)])
             self.endpoint = Endpoint(port=port, export_name=config.export_name,
-                                     tls=config.tls, vsock=True)
+                                     tls=config.tls, vsock=True,
+                                     tls_certificates=config.tls_certificates)
         else:
             port = config.port or DEFAULT_PORT
             self.listener = Listener(bind_tcp(config.ipaddr, port, config.ip_family))
             self.endpoint = Endpoint(port=port, export_name=config.export_name,
-                                     tls=config.tls)
+                                     tls=config.tls, tls_certificates=config.tls_certificates)
 
     def start(self) -> None:
         """Accept connections (in background threads); nbdkit_shutdown stops this server."""
