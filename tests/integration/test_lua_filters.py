@@ -35,8 +35,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILTERS = EXAMPLES / "filters"
 KiB = 1024
 SIZE = 1024 * KiB
-_CALLBACK = re.compile(r"^(?:get_size|open|prepare|pread|pwrite|trim|zero|flush|cache|"
-                       r"extents|config|config_complete|block_size): ")
+# A Lua filter's error line names its callback and, for an nbdkit.* helper's error, the
+# script's line (file.lua:N:), which a C filter's cannot: both are taken off to compare.
+_CALLBACK = re.compile(r"^(?:(?:get_size|open|prepare|pread|pwrite|trim|zero|flush|cache|"
+                       r"extents|config|config_complete|block_size): )?(?:\./\w+\.lua:\d+: )?")
 
 
 def _luanbd_option(f: str) -> str:
