@@ -10,6 +10,7 @@ holds only those threads, which take no lock a request needs.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import socketserver
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 MAX_CLIENTS = 64
 #: Seconds a metrics client gets for each read of its request before it is dropped.
 CLIENT_TIMEOUT = 10.0
-_ERRNO_NAMES = {n: name for name, n in vars(__import__("errno")).items()
-                if name.startswith("E") and isinstance(n, int)}
 
 
 def parse_address(value: str) -> tuple[str, int] | str:
@@ -137,7 +136,7 @@ class _Collector:
                 plugin.add_metric([name], plugin_ns / 1e9)
         for (export, cmd_number, code), n in sorted(totals.errors.items()):
             errors.add_metric([str(Cmd(cmd_number)), export,
-                               _ERRNO_NAMES.get(code, str(code))], n)
+                               errno.errorcode.get(code, str(code))], n)
         yield from (requests, nbytes, errors, latency, plugin)
 
     def _lua_memory(self, live: list[st.ConnStats]) -> Metric:
