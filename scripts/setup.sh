@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# prometheus: the real server tests/integration/test_prometheus.py scrapes --metrics with.
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
       qemu-utils fio python3-venv python3-pip python3-dev gcc make openssl systemd iproute2
-      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix)
+      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix
+      prometheus)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

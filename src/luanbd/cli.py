@@ -90,6 +90,7 @@ TLS options:
 Running options:
   --run 'COMMAND ARGS ...'         run COMMAND with $uri set, then exit with its status
   --exit-with-parent               exit when the parent process exits
+  --metrics=[HOST]:PORT|PATH       serve Prometheus metrics over HTTP there (luanbd)
   -P, --pidfile PIDFILE            write the process ID once ready
   -u, --user USER / -g, --group GROUP
                                    drop privileges once the sockets are bound
@@ -153,6 +154,7 @@ def _parser() -> _Parser:
     a("--log")
     a("--lua", default="5.4")
     a("--mask-handshake", type=lambda s: int(s, 0))
+    a("--metrics")
     a("-n", "--newstyle", action="store_true")
     a("--no-sr", "--no-structured-replies", action="store_true")
     a("--no-mc", "--no-meta-contexts", action="store_true")
@@ -315,6 +317,7 @@ def parse_args(argv: list[str]) -> Command:
         structured_replies=not ns.no_sr,
         meta_contexts=not ns.no_mc,
         sparse_reads=ns.sparse_reads,
+        metrics=ns.metrics,
         handshake_flags=flags,
         tls=tls,
         log_to=log_to,

@@ -88,6 +88,8 @@ class ServerConfig:
     meta_contexts: bool = True
     #: --sparse-reads: zero ranges of a READ as NBD_REPLY_TYPE_OFFSET_HOLE chunks.
     sparse_reads: bool = False
+    #: --metrics=ADDR: serve Prometheus metrics over HTTP at host:port or a Unix socket.
+    metrics: str | None = None
     handshake_flags: HandshakeFlag = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     tls: TlsMode = TlsMode.OFF
     log_to: LogTo | None = None

@@ -62,7 +62,7 @@ class LuaScript:
 
     def __init__(self, script: str, *, lua: str = "5.4",
                  memory_limit: int | None = None, gc: str | None = None,
-                 compiled_lualib: bool = True) -> None:
+                 compiled_lualib: bool = True, track_memory: bool = False) -> None:
         self.script = script
         self.lua_name = lua
         try:
@@ -78,7 +78,10 @@ class LuaScript:
                                          unpack_returned_tuples=True,
                                          # --lua-memory-limit: allocations past it fail
                                          # with Lua's "not enough memory" (ENOMEM).
-                                         max_memory=memory_limit or None)
+                                         # track_memory (--metrics): lupa's allocator
+                                         # counts the state's bytes, with no limit.
+                                         max_memory=memory_limit or
+                                         (0 if track_memory else None))
         self._memory_limit = memory_limit or 0
         self.g = self.runtime.globals()
         # lupa's `python` table is of no use to an nbdkit script and would let it reach
@@ -237,6 +240,12 @@ class LuaScript:
         self._big_bytes += size
         if self._big_bytes >= self._big_threshold:
             self.collect_garbage()
+
+    def memory_in_use(self) -> int | None:
+        """The state's bytes as lupa's allocator counts them (--metrics or
+        --lua-memory-limit), else None.  A counter read: safe from any thread."""
+        used = self.runtime.get_memory_used()
+        return int(used) if used is not None else None
 
     def collect_garbage(self) -> None:
         """A full collection, strings of replies already sent included (big_request)."""

@@ -32,6 +32,7 @@ class LuaStartup:
     def _new_plugin(self) -> LuaPlugin:
         config = self.config
         plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit,
+                           track_memory=config.metrics is not None,
                            gc=config.lua_gc, compiled_lualib=config.lualib)
         plugin.load()
         return plugin

@@ -32,6 +32,9 @@
  *                   reply to a result that is not plain success
  *       max_batch   READ bytes per batch above which the batch is sent before more is
  *                   executed (as MAX_BATCH does in Python: backpressure)
+ *       stats, stats_bounds, stats_stride
+ *                   --metrics: the connection's ConnStats.cells (array('Q')) updated per
+ *                   request as stats.record does, or None; the buckets' bounds in ns
  *   buf: the parser's bytearray; [pos, end) holds unparsed bytes.  It is never resized.
  *   send_lock: the writer thread's lock while that thread runs, else None.
  * Returns when the request at pos is not for this loop (eof False) or the client closed
@@ -53,6 +56,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 
 /* Replies per batch: each takes two iovecs, or up to MAX_LIST from the slow path, and a
  * sendmsg takes at most IOV_MAX (1024) iovecs. */
@@ -288,6 +292,28 @@ static int add_reply(struct batch *b, const struct loop *l, uint16_t type, uint6
     return 0;
 }
 
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* time.perf_counter_ns's clock */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* --metrics: one request served here, as stats.record does for the Python loop. */
+static void stat_record(const struct loop *l, uint16_t type, uint32_t length,
+                        uint64_t latency, uint64_t plugin) {
+    uint64_t *c = (uint64_t *)l->stats.buf + (Py_ssize_t)type * l->stride;
+    const uint64_t *bounds = l->bounds.buf;
+    Py_ssize_t bucket = 0;
+    while (bucket < l->nbounds && latency > bounds[bucket])
+        bucket++;
+    c[FP_STAT_REQUESTS]++;
+    c[FP_STAT_BYTES] += length;
+    c[FP_STAT_LATENCY_NS] += latency;
+    c[FP_STAT_PLUGIN_NS] += plugin;
+    c[FP_STAT_COMPILED]++;
+    c[FP_STAT_FIRST_BUCKET + bucket]++;
+}
+
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *bufobj, *send_lock;
     Py_ssize_t pos, end;
@@ -360,8 +386,12 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             PyObject *count = PyLong_FromUnsignedLong(length);
             PyObject *off = PyLong_FromUnsignedLongLong(offset);
             PyObject *res = NULL;
+            int metered = l.stats.obj != NULL;
+            uint64_t start = metered ? now_ns() : 0, called = 0;
             if (count != NULL && off != NULL)
                 res = execute(&l, h, type, count, off, zero);
+            if (metered)
+                called = now_ns();
             Py_XDECREF(off);
             if (res == NULL) {
                 Py_XDECREF(count);
@@ -372,6 +402,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             Py_DECREF(count);
             if (rc < 0)
                 goto error;
+            if (metered)
+                stat_record(&l, type, length, now_ns() - start, called - start);
         }
         if (batch_send(b, l.fd, send_lock) < 0)
             goto error;

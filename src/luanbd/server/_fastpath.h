@@ -46,7 +46,15 @@ struct loop {
     PyObject *acquire, *release;  /* the lock's methods, NULL without a lock */
     Py_buffer stop;               /* the stop flag's cell; stop.obj NULL until taken */
     Py_ssize_t max_batch;
+    /* --metrics: the connection's ConnStats.cells (stats.obj NULL without metrics), the
+     * latency bucket bounds in ns, and the cells per command. */
+    Py_buffer stats, bounds;
+    Py_ssize_t stride, nbounds;
 };
+
+/* A command's cells in ConnStats.cells (luanbd/server/stats.py: REQUESTS ... FIRST_BUCKET). */
+enum { FP_STAT_REQUESTS, FP_STAT_BYTES, FP_STAT_LATENCY_NS, FP_STAT_PLUGIN_NS, FP_STAT_COMPILED,
+       FP_STAT_FIRST_BUCKET };
 
 /* PlainRequests.admits: no flags, 1 to max_length bytes, in range (offset + length <= size
  * without overflow), a READ or, when writable, a WRITE. */

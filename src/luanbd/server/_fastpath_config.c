@@ -52,6 +52,44 @@ void fp_loop_release(struct loop *l) {
     Py_CLEAR(l->release);
     if (l->stop.obj != NULL)
         PyBuffer_Release(&l->stop);
+    if (l->stats.obj != NULL)
+        PyBuffer_Release(&l->stats);
+    if (l->bounds.obj != NULL)
+        PyBuffer_Release(&l->bounds);
+}
+
+/* loop.stats (an array('Q') or None), loop.stats_bounds and loop.stats_stride. */
+static int stats_read(PyObject *obj, struct loop *l) {
+    PyObject *stats = PyObject_GetAttrString(obj, "stats"), *bounds = NULL;
+    uint64_t stride;
+    int rc = -1;
+    if (stats == NULL)
+        return -1;
+    if (stats == Py_None) {
+        rc = 0;
+        goto done;
+    }
+    if ((bounds = PyObject_GetAttrString(obj, "stats_bounds")) == NULL ||
+        get_uint(obj, "stats_stride", 4096, &stride) < 0 ||
+        PyObject_GetBuffer(stats, &l->stats, PyBUF_WRITABLE | PyBUF_FORMAT) < 0 ||
+        PyObject_GetBuffer(bounds, &l->bounds, PyBUF_FORMAT) < 0)
+        goto done;
+    l->stride = (Py_ssize_t)stride;
+    l->nbounds = l->bounds.len / 8;
+    /* Room for READ's and WRITE's cells, each with a bucket per bound and +Inf. */
+    Py_ssize_t top = fp.cmd_read > fp.cmd_write ? fp.cmd_read : fp.cmd_write;
+    if (l->stats.itemsize != 8 || l->bounds.itemsize != 8 ||
+        strcmp(l->stats.format, "Q") != 0 || strcmp(l->bounds.format, "Q") != 0 ||
+        l->stride < FP_STAT_FIRST_BUCKET + l->nbounds + 1 ||
+        l->stats.len < (top + 1) * l->stride * 8) {
+        PyErr_SetString(PyExc_ValueError, "_fastpath: bad stats layout");
+        goto done;
+    }
+    rc = 0;
+done:
+    Py_DECREF(stats);
+    Py_XDECREF(bounds);
+    return rc;
 }
 
 int fp_loop_read(PyObject *obj, struct loop *l) {
@@ -96,6 +134,8 @@ int fp_loop_read(PyObject *obj, struct loop *l) {
         PyErr_SetString(PyExc_ValueError, "_fastpath: stop.cell is empty");
         goto done;
     }
+    if (stats_read(obj, l) < 0)
+        goto done;
     rc = 0;
 done:
     Py_XDECREF(plain);

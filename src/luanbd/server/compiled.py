@@ -11,6 +11,7 @@ whose :meth:`~CompiledLoop.run` the Python loop calls whenever it could take ove
 from __future__ import annotations
 
 import socket
+from array import array
 from typing import Any
 
 from luanbd import log
@@ -21,6 +22,7 @@ from luanbd.backend.locks import NoLock, RequestLock
 from luanbd.protocol.constants import LARGE_DATA
 from luanbd.protocol.transmission import PlainRequests, RequestParser, Session
 from luanbd.server.requests import RequestHandler, StopFlag
+from luanbd.server.stats import BOUNDS_NS, STRIDE
 from luanbd.server.transport import MAX_BATCH, ClientGone, Writer
 
 try:
@@ -40,11 +42,12 @@ class CompiledLoop:
     name each time it is entered (never per request)."""
 
     __slots__ = ("api2", "call", "fd", "handle", "lock", "max_batch", "plain", "pread", "pwrite",
-                 "slow", "stop", "structured")
+                 "slow", "stats", "stats_bounds", "stats_stride", "stop", "structured")
 
     def __init__(self, *, fd: int, plain: PlainRequests, structured: bool, call: Any,
                  pread: Any, pwrite: Any, handle: Any, api2: bool, lock: RequestLock | None,
-                 stop: StopFlag, slow: Any, max_batch: int = MAX_BATCH) -> None:
+                 stop: StopFlag, slow: Any, max_batch: int = MAX_BATCH,
+                 stats: array[int] | None = None) -> None:
         #: The connection's socket (no TLS: the loop uses recv and sendmsg on it).
         self.fd = fd
         #: The requests the loop serves: exactly those ``plain.admits`` takes.
@@ -69,6 +72,11 @@ class CompiledLoop:
         self.slow = slow
         #: READ bytes in a batch from which it is sent before more is executed.
         self.max_batch = max_batch
+        #: --metrics: the connection's ConnStats.cells, which the loop updates per request
+        #: as server/stats.py's record() does (its buckets, its layout); None: nothing.
+        self.stats = stats
+        self.stats_bounds = BOUNDS_NS
+        self.stats_stride = STRIDE
 
     def run(self, parser: RequestParser, writer: Writer | None) -> None:
         """Serve the plain requests at the front of the parser's buffer, and those that
@@ -86,7 +94,8 @@ class CompiledLoop:
 
 
 def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: socket.socket,
-           tls: bool, chain: Chain, lock: RequestLock, stop: StopFlag) -> CompiledLoop | None:
+           tls: bool, chain: Chain, lock: RequestLock, stop: StopFlag,
+           stats: array[int] | None = None) -> CompiledLoop | None:
     """The compiled loop for this connection, or None where the Python loop must do
     everything: not built or turned off (``enabled``: config.fastpath), TLS (an SSL object),
     extended headers (the loop parses classic headers) or -v (request timing).  Where
@@ -110,4 +119,4 @@ def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: so
         structured=session.structured_replies, call=call, pread=pread,
         pwrite=pwrite if writable else None, handle=handle,
         api2=api2, lock=None if isinstance(lock, NoLock) else lock, stop=stop,
-        slow=handler.compiled_result)
+        slow=handler.compiled_result, stats=stats)

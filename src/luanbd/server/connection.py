@@ -25,8 +25,9 @@ from luanbd.protocol.handshake import NEED_DATA, HandshakeConfig
 from luanbd.protocol.replies import Buffers
 from luanbd.protocol.transmission import PayloadBuffer, Request, RequestParser, Session
 from luanbd.server import compiled
-from luanbd.server.negotiation import Negotiation
+from luanbd.server.negotiation import Negotiation, TlsFailed
 from luanbd.server.requests import RequestHandler, StopFlag
+from luanbd.server.stats import ConnStats, ServerStats
 from luanbd.server.transport import (
     MAX_BATCH,
     WRITER_THRESHOLD,
@@ -47,6 +48,8 @@ class Shared(Protocol):
     chain: Chain
     #: Shutdown has begun: requests get ESHUTDOWN, options NBD_REP_ERR_SHUTDOWN.
     stopping: bool
+    #: --metrics: where connections report (None: metrics are off).
+    stats: ServerStats | None
 
     def chain_for_connection(self) -> tuple[Chain, RequestLock]: ...
 
@@ -77,15 +80,23 @@ class Connection:
         self.tls = False
         self.info = current.ConnectionInfo(peer_name=peer, peer_socket=sock,
                                             disconnect=self.disconnect)
+        #: --metrics: this connection's counters (server/stats.py).
+        self.stats = ConnStats(number) if service.stats is not None else None
 
     # --- lifecycle ----------------------------------------------------------------------
     def run(self) -> None:
         current.set_connection(self.info)
         log.debug(f"conn {self.number}: accepted connection from {self.peer or 'local'}")
+        server_stats, stats = self.service.stats, self.stats
+        if server_stats is not None and stats is not None:
+            server_stats.opened(stats)
+        outcome, reported = "error", False
         try:
             # serialize_requests/parallel scripts get a Lua state of their own per
             # connection (plugin_for_connection); the others share one.
             self.chain, self.lock = self.service.chain_for_connection()
+            if stats is not None and self.chain.plugin is not self.service.chain.plugin:
+                stats.plugin = self.chain.plugin
             # A client gets --timeout to finish negotiating (greeting to NBD_OPT_GO): one
             # that connects and trickles or says nothing holds a thread, never a lock, and
             # not forever.  The clock starts before serialize_connections may make it wait.
@@ -93,14 +104,21 @@ class Connection:
                                            self.chain.connect(), self.lock)
             with self.service.locks.connection():
                 negotiated = self.negotiation.negotiate()
+                outcome = "aborted" if negotiated is None else "ok"
+                if server_stats is not None:
+                    server_stats.handshake(outcome)
+                    reported = True
                 if negotiated is not None:
                     self._transmission(*negotiated)
         except ProtocolViolation as err:
+            outcome = "tls_failed" if isinstance(err, TlsFailed) else "protocol_error"
             log.error(f"conn {self.number}: {err}")
         except TimeoutError:
+            outcome = "timeout"
             log.error(f"conn {self.number}: client did not finish the handshake within "
                       f"{self.service.config.handshake_timeout:g} seconds (--timeout)")
         except (ClientGone, ConnectionError):
+            outcome = "client_gone"
             log.debug(f"conn {self.number}: client closed the connection")
         except (PluginError, StartupError) as err:
             log.error(str(err))
@@ -111,6 +129,10 @@ class Connection:
             if log.verbose:
                 traceback.print_exc()
         finally:
+            if server_stats is not None and stats is not None:
+                if not reported:  # it ended in the handshake
+                    server_stats.handshake(outcome)
+                server_stats.closed(stats)
             if self.negotiation is not None:
                 self.negotiation.close_export()
             if self.chain.plugin is not self.service.chain.plugin:  # its own Lua state
@@ -151,7 +173,11 @@ class Connection:
         ctx = self.negotiation.ctx
         assert ctx is not None
         sparse = self.service.config.sparse_reads
-        handler = RequestHandler(ctx, session, self.number, self.stop, sparse_reads=sparse)
+        stats = self.stats
+        if stats is not None:
+            stats.export_name = session.export_name.decode("utf-8", "replace")
+        handler = RequestHandler(ctx, session, self.number, self.stop, sparse_reads=sparse,
+                                 stats=stats)
         handle = handler.handle_request
         recv_into = self.sock.recv_into
         wait_all = 0 if self.tls else socket.MSG_WAITALL
@@ -165,7 +191,8 @@ class Connection:
         fast = compiled.engage(session, handler,
                                enabled=self.service.config.fastpath and not sparse,
                                sock=self.sock, tls=self.tls, chain=self.chain, lock=self.lock,
-                               stop=self.stop)
+                               stop=self.stop,
+                               stats=stats.cells if stats is not None else None)
         try:
             while True:
                 if fast is not None:
@@ -237,6 +264,8 @@ class Connection:
         if writer is None:
             self._send_buffers(out)
         elif size >= WRITER_THRESHOLD:
+            if self.stats is not None:
+                self.stats.writer_batches += 1
             writer.put(out)
         elif writer.started:
             with writer.lock:

@@ -44,6 +44,10 @@ from luanbd.server.transport import ClientGone
 HANDSHAKE_RECV_SIZE = 16 * 1024
 
 
+class TlsFailed(ProtocolViolation):
+    """The client's TLS handshake failed (counted apart by --metrics)."""
+
+
 class Shared(Protocol):
     """What negotiation uses of the state all connections share (server/service.py)."""
 
@@ -181,7 +185,7 @@ class Negotiation:
         try:
             conn.sock = context.wrap_socket(conn.sock, server_side=True)
         except ssl.SSLError as err:
-            raise ProtocolViolation(f"TLS handshake failed: {err.reason or err}") from None
+            raise TlsFailed(f"TLS handshake failed: {err.reason or err}") from None
         conn.tls = True
         conn.info.is_tls = True
         conn.info.peer_socket = conn.sock

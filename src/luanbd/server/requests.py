@@ -39,7 +39,9 @@ from luanbd.protocol.transmission import (
     status_payload_ids,
     validate_request,
 )
+from luanbd.server.metered import MeteredContext, metered
 from luanbd.server.sparse import Pieces, sparse_read
+from luanbd.server.stats import ConnStats
 
 # Plain ints for the request flags: IntFlag arithmetic is slow on a per-request path.
 _FUA, _NO_HOLE, _FAST_ZERO, _REQ_ONE, _DF = (int(f) for f in (
@@ -96,8 +98,10 @@ class RequestHandler:
     """Serves the requests of one connection's transmission phase."""
 
     def __init__(self, ctx: BackendContext, session: Session, number: int,
-                 stop: StopFlag, *, sparse_reads: bool = False) -> None:
-        self.ctx = ctx
+                 stop: StopFlag, *, sparse_reads: bool = False,
+                 stats: ConnStats | None = None) -> None:
+        #: --metrics: the data calls are timed (server/metered.py).
+        self.ctx = cast(BackendContext, MeteredContext(ctx, stats.cells)) if stats else ctx
         self.session = session
         #: The connection's number, for log lines.
         self.number = number
@@ -115,6 +119,11 @@ class RequestHandler:
             self.handle_request = self._handle_extended  # type: ignore[method-assign]
         if log.verbose:
             self.handle_request = self._timed(self.handle_request)  # type: ignore[method-assign]
+        #: --metrics: failed requests by (command, errno).
+        self._errors = stats.errors if stats else None
+        if stats is not None:
+            self.handle_request = metered(  # type: ignore[method-assign,assignment]
+                self.handle_request, stats.cells)
 
     def handle_request(self, req: Request) -> Buffers:
         """One request, answered with simple or structured replies (extended replies once
@@ -199,6 +208,8 @@ class RequestHandler:
         reply encoding (classic or extended headers) is the caller's.
         """
         if self._stopped[0]:
+            if self._errors is not None:
+                self._errors[req.cmd, errno.ESHUTDOWN] += 1
             return None, errno.ESHUTDOWN
         ctx, session = self.ctx, self.session
         cmd, flags = req.cmd, req.flags
@@ -259,6 +270,8 @@ class RequestHandler:
     def _failed(self, req: Request, code: int) -> tuple[None, int]:
         """With -v, a failed request is also logged with its connection and errno (the
         error line itself keeps nbdkit's shape: ``luanbd: error: pread: script.lua:12: ...``)."""
+        if self._errors is not None:
+            self._errors[req.cmd, code] += 1
         if log.verbose:
             log.debug(f"conn {self.number}: {req.cmd} cookie={req.cookie} offset={req.offset} "
                       f"count={req.length} failed: {errno.errorcode.get(code, code)}")

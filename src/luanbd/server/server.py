@@ -11,6 +11,7 @@ import socket
 import ssl
 import tempfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from luanbd.backend import current
 from luanbd.backend.chain import Chain
@@ -18,6 +19,7 @@ from luanbd.backend.interface import Plugin
 from luanbd.config import DEFAULT_PORT, ServerConfig
 from luanbd.protocol.constants import BASE_ALLOCATION
 from luanbd.server.captive import Endpoint
+from luanbd.server.compiled import FASTPATH_BUILT
 from luanbd.server.listener import (
     Listener,
     activated_sockets,
@@ -26,6 +28,9 @@ from luanbd.server.listener import (
     bind_vsock,
 )
 from luanbd.server.service import Service
+
+if TYPE_CHECKING:
+    from luanbd.server.metrics import MetricsListener
 
 #: How long connections get to finish their in-flight request when the server stops.
 SHUTDOWN_TIMEOUT = 10.0
@@ -51,11 +56,18 @@ class Server:
         self.endpoint: Endpoint | None = None
         self._private_dir: str | None = None
         self._stopped = False
+        #: --metrics: the HTTP listener, bound with the NBD sockets.
+        self.metrics: MetricsListener | None = None
 
     def bind(self) -> None:
         """Open the listening sockets the configuration names (nothing for -s).
         Raises BindError or OSError."""
         config = self.config
+        if config.metrics is not None:
+            from luanbd.server.metrics import MetricsListener
+
+            self.metrics = MetricsListener(config.metrics, self.service, lua=config.lua,
+                                           fastpath=FASTPATH_BUILT and config.fastpath)
         if config.listen_fds:
             self.listener = Listener(activated_sockets(config.listen_fds))
         elif config.single:
@@ -86,6 +98,8 @@ class Server:
         """Accept connections (in background threads); nbdkit_shutdown stops this server."""
         current.set_stopping(False)
         current.set_shutdown_handler(self.service.request_shutdown)
+        if self.metrics is not None:
+            self.metrics.start()
         if self.listener is not None:
             self.listener.start(self.service.handle)
 
@@ -93,6 +107,8 @@ class Server:
         """Serve one already connected socket in the calling thread (-s)."""
         current.set_stopping(False)
         current.set_shutdown_handler(self.service.request_shutdown)
+        if self.metrics is not None:
+            self.metrics.start()
         self.service.serve_here(sock)
 
     def wait(self) -> None:
@@ -118,6 +134,8 @@ class Server:
             self.chain.unload()
         current.set_shutdown_handler(None)
         self.remove_private_dir()
+        if self.metrics is not None:
+            self.metrics.close()
         return finished
 
     def remove_private_dir(self) -> None:

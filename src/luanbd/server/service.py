@@ -20,6 +20,7 @@ from luanbd.config import ServerConfig
 from luanbd.protocol.constants import BASE_ALLOCATION
 from luanbd.protocol.handshake import HandshakeConfig
 from luanbd.server.connection import Connection
+from luanbd.server.stats import ServerStats
 
 #: After SIGTERM, how long connected clients get to notice ESHUTDOWN and disconnect by
 #: themselves before they are cut off (nbdkit waits for them forever).
@@ -66,6 +67,8 @@ class Service:
         self._lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}
         self._refused = 0
+        #: --metrics: what connections count (server/stats.py), or None.
+        self.stats = ServerStats() if config.metrics is not None else None
         self._refused_log = log.Throttle(REFUSED_LOG_INTERVAL)
 
     def chain_for_connection(self) -> tuple[Chain, RequestLock]:
@@ -113,6 +116,8 @@ class Service:
         log line per burst, not one per refused connection."""
         sock.close()
         self._refused += 1
+        if self.stats is not None:
+            self.stats.refuse("limit")
         if self._refused_log.ready():
             log.error(f"connection limit of {limit} reached (--limit): closed the connection "
                       f"from {peer or 'local'} ({self._refused} refused so far)")
