@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Any
 
+from luanbd import gctrace
 from luanbd.backend.interface import PluginError, StartupError, ThreadModel
 from luanbd.lua import lualib, nbdkit_table, runtime
 from luanbd.lua.pinning import Pinning
@@ -253,7 +255,12 @@ class LuaScript:
         if pinning is not None and pinning.released:
             pinning.unpin_released()  # replies already sent: their strings can go too
         collect = self._collectgarbage
-        collect(b"collect")
+        if gctrace.enabled():
+            start = time.perf_counter()
+            collect(b"collect")
+            gctrace.record("lua-full", time.perf_counter() - start)
+        else:
+            collect(b"collect")
         self._big_bytes = 0
         kib = collect(b"count")  # Lua 5.2 adds a second result (the bytes beyond)
         # The heap without the strings of replies still being sent: those go anyway.

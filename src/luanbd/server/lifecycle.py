@@ -16,7 +16,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Protocol
 
-from luanbd import log
+from luanbd import gctrace, log
 from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import Plugin, StartupError
@@ -84,6 +84,7 @@ def tune_malloc(config: ServerConfig) -> bool:
 def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = False) -> int:
     """Run the server (or ``--dump-plugin``) and return the exit status."""
     tune_malloc(config)  # before the Lua state and any thread allocate
+    gctrace.install_from_env()
     log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
     if config.log_to is not None:
         try:
