@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
       qemu-utils fio python3-venv python3-pip python3-dev gcc make openssl systemd iproute2
-      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix)
+      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix pandoc man-db)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -32,3 +32,6 @@ if ! .venv/bin/python -c 'import lupa, sys; sys.exit(lupa.__version__ != sys.arg
     .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps "$lupa_wheel"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The editable install leaves out the man pages and the bash completion (data-files):
+# link them into .venv, where `man luanbd` looks with .venv/bin on PATH.
+.venv/bin/python scripts/link_data_files.py .venv
