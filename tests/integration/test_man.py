@@ -104,15 +104,19 @@ def man_env(prefix: Path) -> dict[str, str]:
             "MANWIDTH": "80"}
 
 
-def check_man(prefix: Path, expected_dir: Path) -> None:
+def check_man(prefix: Path, expected: Path) -> None:
     """``man -w`` finds each page through ``prefix/bin`` on PATH, as the file in
-    expected_dir, and ``man`` shows it."""
+    ``expected`` (man/ of a tree, or an installed share/man with man1/, man3/), and
+    ``man`` shows it."""
     env = man_env(prefix)
     for page in PAGES:
         name = page.rsplit(".", 1)[0]
         where = _run("man", "-w", name, env=env, cwd=prefix)
         assert where.returncode == 0, where
-        assert Path(where.stdout.strip()).resolve() == (expected_dir / page).resolve(), where
+        file = expected / page
+        if not file.exists():  # an installed share/man
+            file = expected / f"man{page[-1]}" / page
+        assert Path(where.stdout.strip()).resolve() == file.resolve(), where
         shown = _run("man", "-P", "cat", name, env=env, cwd=prefix)
         assert shown.returncode == 0, shown
         assert re.search(r"^NAME\n\s+" + re.escape(PAGES[page].split(" - ")[0]) + r"\s+- ",
