@@ -48,8 +48,11 @@ def render(source: str) -> str:
                                          for src, (ref, sec, _) in PAGES.items())]
     if name_line:
         args += ["-M", f"man-name={name_line}"]
-    result = subprocess.run([*args, str(ROOT / "docs" / source)], capture_output=True,
-                            text=True, check=False)
+    try:
+        result = subprocess.run([*args, str(ROOT / "docs" / source)], capture_output=True,
+                                text=True, check=False)
+    except FileNotFoundError:
+        raise SystemExit("build_man: pandoc not found (Debian: apt-get install pandoc)") from None
     if result.returncode != 0:
         raise SystemExit(f"build_man: pandoc failed on docs/{source}:\n{result.stderr}")
     return result.stdout

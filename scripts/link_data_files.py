@@ -45,7 +45,11 @@ def main() -> int:
     if len(sys.argv) != 2:
         print("usage: link_data_files.py PREFIX (a virtualenv)", file=sys.stderr)
         return 1
-    link(Path(sys.argv[1]).absolute())
+    try:
+        link(Path(sys.argv[1]).absolute())
+    except OSError as err:
+        print(f"link_data_files: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
