@@ -112,6 +112,10 @@ def test_script_keys(tmp_path: Path) -> None:
     assert complete("disk.lua", "", cwd=tmp_path) == ["size=", "label="]
     assert complete("-r", "disk.lua", "size=1M", "l", cwd=tmp_path) == ["label="]
     assert complete("-U", "-", "script=disk.lua", "s", cwd=tmp_path) == ["size="]
+    # As readline splits words at "=" (COMP_WORDBREAKS).
+    assert complete("script", "=", "disk.lua", "s", cwd=tmp_path) == ["size="]
+    assert complete("disk.lua", "size", "=", "1M", "l", cwd=tmp_path) == ["label="]
+    assert complete("--lua", "=", "5.4", "disk.lua", "si", cwd=tmp_path) == ["size="]
     # The keys of the filters on the command line come too, in their --help order.
     assert complete("--filter=offset", "disk.lua", "", cwd=tmp_path) == [
         "offset=", "range=", "size=", "label="]
