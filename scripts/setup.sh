@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# prometheus: the real server tests/integration/test_prometheus.py scrapes --metrics with.
+# pandoc: the man pages' up-to-date check (scripts/build_man.py); man-db: the real man
+# the tests run; prometheus: the real server tests/integration/test_prometheus.py scrapes --metrics with.
 debs=(nbdkit nbdkit-plugin-lua nbdkit-plugin-python libnbd-bin python3-libnbd
       qemu-utils fio python3-venv python3-pip python3-dev gcc make openssl systemd iproute2
-      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix
+      lua5.1 lua5.2 lua5.3 lua5.4 luajit lua-cjson lua-posix pandoc man-db
       prometheus)
 missing=()
 for p in "${debs[@]}"; do
@@ -34,3 +35,6 @@ if ! .venv/bin/python -c 'import lupa, sys; sys.exit(lupa.__version__ != sys.arg
     .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps "$lupa_wheel"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The editable install leaves out the man pages and the bash completion (data-files):
+# link them into .venv, where `man luanbd` looks with .venv/bin on PATH.
+.venv/bin/python scripts/link_data_files.py .venv

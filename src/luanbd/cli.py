@@ -119,11 +119,12 @@ Information options:
   --dump-plugin                    facts about the script, as key=value lines
   --dump-config                    build facts, as key=value lines
 
-See docs/luanbd.md for the full reference.
+See luanbd(1), luanbd-filters(1), luanbd-lua-plugin(3) and luanbd-lua-filter(3)
+(docs/ in the source tree).
 """
 
 #: After the synopsis when an option is wrong, as nbdkit's short usage ends.
-SHORT_USAGE_END = "Please read the luanbd(1) manual page (docs/luanbd.md) for full usage."
+SHORT_USAGE_END = "Please read the luanbd(1) manual page (man luanbd) for full usage."
 
 SCRIPT_HELP = """\
 script=<FILENAME>     (required) The Lua script to run.
@@ -184,6 +185,9 @@ def _parser() -> _Parser:
     a("-V", "--version", action="store_true")
     a("--dump-plugin", action="store_true")
     a("--dump-config", action="store_true")
+    # Hidden, for the bash completion (completion/luanbd), as nbdkit's.
+    a("--long-options", action="store_true")
+    a("--short-options", action="store_true")
     a("args", nargs="*")
     return p
 
@@ -199,6 +203,8 @@ class Command:
         self.version = False
         self.dump_plugin = False
         self.dump_config = False
+        #: --long-options / --short-options: "--" or "-", the kind of option to list.
+        self.list_options = ""
         self.script: str | None = None
 
 
@@ -244,6 +250,9 @@ def parse_args(argv: list[str]) -> Command:
     cmd.help, cmd.version, cmd.dump_plugin = ns.help, ns.version, ns.dump_plugin
     cmd.filters = [f for f in ns.filter if f != "limit"]
     cmd.dump_config = ns.dump_config
+    if ns.long_options or ns.short_options:
+        cmd.list_options = "--" if ns.long_options else "-"
+        return cmd
     script, params = split_params(ns.args)
     if script is not None:
         script = resolve_script(script)
@@ -342,6 +351,14 @@ def parse_args(argv: list[str]) -> Command:
     return cmd
 
 
+def option_names(kind: str) -> list[str]:
+    """The options, one per alias: long ones (``kind`` "--") or short ones ("-"), as
+    nbdkit's --long-options and --short-options print them (the two themselves left out)."""
+    names = [name for action in _parser()._actions for name in action.option_strings
+             if name.startswith(kind) and (kind == "--" or not name.startswith("--"))]
+    return sorted(set(names) - {"--long-options", "--short-options"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``luanbd`` command."""
     from luanbd import filter_loader
@@ -361,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as err:
         log.error(str(err))
         return 1
+    if cmd.list_options:
+        print("\n".join(option_names(cmd.list_options)), flush=True)
+        return 0
     if cmd.version:
         print(f"luanbd {__version__}", flush=True)
         return 0
