@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/latency.py                        # 4 workloads x 2 servers, ~2 min
     .venv/bin/python bench/latency.py --repeat 3 --runtime 10
-    .venv/bin/python bench/latency.py --server 'luanbd-metrics=.venv/bin/luanbd -f -U {sock} --metrics={sock}.m {plugin} size={size}'
+    .venv/bin/python bench/latency.py --server \
+        'luanbd-metrics=.venv/bin/luanbd -f -U {sock} --metrics={sock}.m {plugin} size={size}'
 
 For each server and workload (4k random reads and writes at QD1 and QD16, fio
 ioengine=nbd), a fresh server on a private Unix socket serves ../shared/bench/ram.lua,
@@ -61,7 +62,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) 
     time.sleep(0.2)
 
 
-def fio(uri: str, rw: str, bs: str, depth: int, size: str, out: Path,
+def fio(uri: str, rw: str, bs: str, depth: int, *, size: str, out: Path,
         runtime: float | None, ramp: float) -> dict[str, object]:
     argv = ["fio", "--name=lat", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
             f"--iodepth={depth}", f"--size={size}", "--norandommap", "--randrepeat=0",
@@ -96,10 +97,11 @@ def one_pass(name: str, template: str, workload: str, args: argparse.Namespace) 
         try:
             wait_socket(sock, proc)
             uri = f"nbd+unix:///?socket={sock}"
-            fio(uri, "write", "1M", 4, args.size, Path(tmp) / "prefill.json", None, 0)
+            fio(uri, "write", "1M", 4, size=args.size, out=Path(tmp) / "prefill.json", runtime=None,
+                ramp=0)
             trace.unlink(missing_ok=True)
-            job = fio(uri, rw, "4k", depth, args.size, Path(tmp) / "fio.json",
-                      args.runtime, args.ramp)
+            job = fio(uri, rw, "4k", depth, size=args.size, out=Path(tmp) / "fio.json",
+                      runtime=args.runtime, ramp=args.ramp)
         finally:
             proc.terminate()
             proc.wait(30)
