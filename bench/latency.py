@@ -97,8 +97,8 @@ def one_pass(name: str, template: str, workload: str, args: argparse.Namespace) 
         try:
             wait_socket(sock, proc)
             uri = f"nbd+unix:///?socket={sock}"
-            fio(uri, "write", "1M", 4, size=args.size, out=Path(tmp) / "prefill.json", runtime=None,
-                ramp=0)
+            fio(uri, "write", "1M", 4, size=args.size, out=Path(tmp) / "prefill.json",
+                runtime=None, ramp=0)
             trace.unlink(missing_ok=True)
             job = fio(uri, rw, "4k", depth, size=args.size, out=Path(tmp) / "fio.json",
                       runtime=args.runtime, ramp=args.ramp)
