@@ -32,18 +32,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from connections import idle_connection, raise_fd_limit
+from latency import default_servers as servers
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO.parent / "shared" / "bench" / "ram.lua"
 CLIENTS = (1, 4, 16, 64)
 DISKS = ("256M", "16G", "1T")
 IDLE = (0, 1000)
-
-
-def servers() -> dict[str, str]:
-    luanbd = shlex.quote(str(Path(sys.executable).parent / "luanbd"))
-    return {"nbdkit-lua": "nbdkit -f -U {sock} lua {plugin} size={size}",
-            "luanbd": f"{luanbd} -f -U {{sock}} {{plugin}} size={{size}}"}
 
 
 @dataclass

@@ -80,6 +80,17 @@ class Totals:
     errors: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     writer_batches: int = 0
 
+    def add(self, conn: ConnStats) -> None:
+        """Add a connection's counters (the live ones are read racily: each cell is one
+        word that only grows)."""
+        cells = self.cells.setdefault(conn.export_name, array("Q", bytes(len(conn.cells) * 8)))
+        for i, v in enumerate(conn.cells):
+            if v:
+                cells[i] += v
+        for (cmd, code), n in list(conn.errors.items()):
+            self.errors[conn.export_name, cmd, code] += n
+        self.writer_batches += conn.writer_batches
+
 
 class ServerStats:
     """Events of the whole server, and the totals of closed connections.  Connection
@@ -113,17 +124,7 @@ class ServerStats:
         """Fold a closed connection's counters into the totals."""
         with self.lock:
             self.live.pop(conn, None)
-            t = self.totals
-            cells = t.cells.get(conn.export_name)
-            if cells is None:
-                t.cells[conn.export_name] = array("Q", conn.cells)
-            else:
-                for i, v in enumerate(conn.cells):
-                    if v:
-                        cells[i] += v
-            for (cmd, code), n in conn.errors.items():
-                t.errors[conn.export_name, cmd, code] += n
-            t.writer_batches += conn.writer_batches
+            self.totals.add(conn)
 
     def snapshot(self) -> tuple[Totals, list[ConnStats], int]:
         """Totals including the live connections (read racily: each cell is one word that
@@ -135,11 +136,5 @@ class ServerStats:
                          t.writer_batches)
             total = self.connections_total
         for conn in live:
-            cells = out.cells.setdefault(conn.export_name, array("Q", bytes(len(conn.cells) * 8)))
-            for i, v in enumerate(conn.cells):
-                if v:
-                    cells[i] += v
-            for (cmd, code), n in list(conn.errors.items()):
-                out.errors[conn.export_name, cmd, code] += n
-            out.writer_batches += conn.writer_batches
+            out.add(conn)
         return out, live, total
