@@ -397,11 +397,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return startup.print_help(cmd.script, f"{SYNOPSIS}\n{OPTIONS_HELP}\n{text}",
                                   SCRIPT_HELP)
-    assert cmd.config is not None
+    config = cmd.config
+    assert config is not None
+
+    def make_startup() -> startup.LuaStartup:
+        """The script and its filters, made anew (at start and on each reload)."""
+        layers = [filter_loader.make(name, config) for name in config.filters]
+        return startup.LuaStartup(config, layers)
+
     try:
-        layers = [filter_loader.make(name, cmd.config) for name in cmd.config.filters]
+        first = make_startup()
     except StartupError as err:
         log.error(str(err))
         return 1
-    return lifecycle.run(cmd.config, startup.LuaStartup(cmd.config, layers),
-                         dump_plugin=cmd.dump_plugin)
+    return lifecycle.run(config, first, dump_plugin=cmd.dump_plugin, reload=make_startup)

@@ -64,8 +64,12 @@ class LuaScript:
 
     def __init__(self, script: str, *, lua: str = "5.4",
                  memory_limit: int | None = None, gc: str | None = None,
-                 compiled_lualib: bool = True, track_memory: bool = False) -> None:
+                 compiled_lualib: bool = True, track_memory: bool = False,
+                 source: bytes | None = None) -> None:
         self.script = script
+        #: The script's text as loaded (``source``, or read from ``script``): a
+        #: connection's own state gets the same code even if the file has changed since.
+        self.source = source
         self.lua_name = lua
         try:
             module = runtime.import_module(lua)
@@ -130,12 +134,14 @@ class LuaScript:
             raise StartupError(f"--lua-gc={mode}: needs Lua 5.4 or later (--lua=5.4)") from None
 
     def _load_script(self) -> None:
-        try:
-            with open(self.script, "rb") as f:
-                source = f.read()
-        except OSError as err:
-            raise StartupError(f"could not parse Lua script cannot open {self.script}: "
-                               f"{err.strerror}") from None
+        if self.source is None:
+            try:
+                with open(self.script, "rb") as f:
+                    self.source = f.read()
+            except OSError as err:
+                raise StartupError(f"could not parse Lua script cannot open {self.script}: "
+                                   f"{err.strerror}") from None
+        source = self.source
         if source.startswith(b"#"):
             # Skip the shebang line but keep its newline so line numbers stay right.
             newline = source.find(b"\n")

@@ -28,12 +28,17 @@ class LuaStartup:
         #: The ``key=value`` pairs that reached the script (a connection's own Lua state
         #: gets the same).
         self._plugin_params: list[tuple[str, str]] = []
+        #: The script's text as first loaded: every connection's state runs the same code
+        #: (a reload, not an edit of the file, changes what is served).
+        self._source: bytes | None = None
 
     def _new_plugin(self) -> LuaPlugin:
         config = self.config
         plugin = LuaPlugin(config.script, lua=config.lua, memory_limit=config.lua_memory_limit,
                            track_memory=config.metrics is not None,
-                           gc=config.lua_gc, compiled_lualib=config.lualib)
+                           gc=config.lua_gc, compiled_lualib=config.lualib,
+                           source=self._source)
+        self._source = plugin.source
         plugin.load()
         return plugin
 

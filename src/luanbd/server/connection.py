@@ -39,17 +39,25 @@ from luanbd.server.transport import (
 
 
 class Shared(Protocol):
-    """What a connection uses of the state all connections share (server/service.py)."""
+    """What a connection uses of the state it shares with the other connections of its
+    generation (server/generation.py)."""
 
-    config: ServerConfig
-    handshake_config: HandshakeConfig
-    ssl_context: ssl.SSLContext | None
-    locks: Locks
-    chain: Chain
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def handshake_config(self) -> HandshakeConfig: ...
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def locks(self) -> Locks: ...
+    @property
+    def chain(self) -> Chain: ...
     #: Shutdown has begun: requests get ESHUTDOWN, options NBD_REP_ERR_SHUTDOWN.
-    stopping: bool
+    @property
+    def stopping(self) -> bool: ...
     #: --metrics: where connections report (None: metrics are off).
-    stats: ServerStats | None
+    @property
+    def stats(self) -> ServerStats | None: ...
 
     def chain_for_connection(self) -> tuple[Chain, RequestLock]: ...
 

@@ -2,6 +2,9 @@
 
 load -> config... -> config_complete -> get_ready -> bind -> fork -> pidfile -> after_fork
 -> serve (-> --run command) -> stop listening -> finish connections -> cleanup -> unload.
+SIGHUP while serving: load -> config... -> config_complete -> get_ready -> after_fork of a new
+generation for new connections; the old one is cleaned up and unloaded after its last
+connection (server/generation.py).
 """
 
 from __future__ import annotations
@@ -81,8 +84,10 @@ def tune_malloc(config: ServerConfig) -> bool:
     return all(applied)
 
 
-def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = False) -> int:
-    """Run the server (or ``--dump-plugin``) and return the exit status."""
+def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = False,
+        reload: Callable[[], PluginStartup] | None = None) -> int:
+    """Run the server (or ``--dump-plugin``) and return the exit status.  ``reload`` makes
+    the startup of a new generation on SIGHUP (None: SIGHUP is ignored)."""
     tune_malloc(config)  # before the Lua state and any thread allocate
     gctrace.install_from_env()
     log.verbose = config.verbose or _debug_flags_enable_debug(config.debug_flags)
@@ -115,7 +120,48 @@ def run(config: ServerConfig, startup: PluginStartup, *, dump_plugin: bool = Fal
         return 1
     server = Server(chain, config, ssl_context=ssl_context,
                     connection_plugin=startup.connection_plugin, meta_contexts=meta_contexts)
+    if reload is not None and not config.single:
+        server.service.on_reload = lambda: _reload(server, reload)
     return _serve(server, lambda: startup.after_fork(chain))
+
+
+def _reload(server: Server, make_startup: Callable[[], PluginStartup]) -> None:
+    """SIGHUP, in the main thread: load, configure and start the script and its filters
+    anew; new connections get them, open ones keep what they have.  A reload that fails
+    logs one line and changes nothing."""
+    service = server.service
+    serving = service.generation.number
+    chain: Chain | None = None
+    started = False
+    try:
+        startup = make_startup()
+        chain = startup.load()
+        startup.ready(chain)
+        started = True
+        meta_contexts = chain_contexts(chain)
+        startup.after_fork(chain)
+    except Exception as err:  # whatever the new code did, the old one serves on
+        reason = str(err) if isinstance(err, (UsageError, StartupError)) else repr(err)
+        log.error(f"reload failed, still serving generation {serving}: {reason}")
+        if service.stats is not None:
+            service.stats.reload("failed")
+        if chain is not None:
+            _discard(chain, started)
+        return
+    generation = service.install(chain, startup.connection_plugin, meta_contexts)
+    if service.stats is not None:
+        service.stats.reload("ok")
+    log.debug(f"reloaded: generation {generation.number} serves new connections")
+
+
+def _discard(chain: Chain, started: bool) -> None:
+    """What a failed reload had loaded goes (cleanup if get_ready ran, then unload)."""
+    try:
+        if started:
+            chain.cleanup()
+        chain.unload()
+    except Exception as err:  # a bug of the failed code must not stop the server
+        log.error(f"reload: unloading the failed generation: {err!r}")
 
 
 def _debug_flags_enable_debug(flags: tuple[str, ...]) -> bool:
@@ -200,9 +246,17 @@ def _install_signals(server: Server) -> None:
         log.debug(f"received signal {signal.Signals(signum).name}")
         server.request_shutdown()
 
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        log.debug("received signal SIGHUP")
+        server.service.request_reload()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
             signal.signal(sig, on_signal)
+        # SIGHUP reloads; with -s (one connection, nothing new to serve) or without a way
+        # to reload it is ignored rather than fatal.
+        signal.signal(signal.SIGHUP, on_hangup if server.service.on_reload is not None
+                      else signal.SIG_IGN)
         # The kernel may deliver a signal to any thread; the wake-up fd makes sure the main
         # thread, waiting in wait_for_stop(), notices it at once.
         signal.set_wakeup_fd(server.service.wakeup_fd)

@@ -86,6 +86,17 @@ class _Collector:
                 handshakes.add_metric([outcome], server.handshakes[outcome])
         yield refused
         yield handshakes
+        reloads = CounterMetricFamily("luanbd_reloads", "Reloads (SIGHUP) by outcome",
+                                      labels=["outcome"])
+        with server.lock:
+            for outcome in ("ok", "failed"):
+                reloads.add_metric([outcome], server.reloads[outcome])
+        yield reloads
+        generation, retired = self.service.generations()
+        yield GaugeMetricFamily("luanbd_generation", "The generation new connections get: "
+                                "1 at start, one more per reload", value=generation)
+        yield GaugeMetricFamily("luanbd_generations_retired", "Older generations still "
+                                "serving connections opened before a reload", value=retired)
         yield from self._requests(totals)
         yield CounterMetricFamily("luanbd_writer_batches", "Reply batches sent by a "
                                   "connection's writer thread", value=totals.writer_batches)

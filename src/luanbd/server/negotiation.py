@@ -49,13 +49,18 @@ class TlsFailed(ProtocolViolation):
 
 
 class Shared(Protocol):
-    """What negotiation uses of the state all connections share (server/service.py)."""
+    """What negotiation uses of the state its connection shares with the others of its
+    generation (server/generation.py)."""
 
-    config: ServerConfig
-    handshake_config: HandshakeConfig
-    ssl_context: ssl.SSLContext | None
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def handshake_config(self) -> HandshakeConfig: ...
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
     #: Shutdown has begun: options get NBD_REP_ERR_SHUTDOWN.
-    stopping: bool
+    @property
+    def stopping(self) -> bool: ...
 
 
 class Peer(Protocol):

@@ -47,7 +47,6 @@ class Server:
                  ssl_context: ssl.SSLContext | None = None,
                  connection_plugin: Callable[[], Plugin] | None = None,
                  meta_contexts: tuple[bytes, ...] = (BASE_ALLOCATION,)) -> None:
-        self.chain = chain
         self.config = config
         self.service = Service(chain, config, connection_plugin, meta_contexts)
         self.service.ssl_context = ssl_context
@@ -58,6 +57,11 @@ class Server:
         self._stopped = False
         #: --metrics: the HTTP listener, bound with the NBD sockets.
         self.metrics: MetricsListener | None = None
+
+    @property
+    def chain(self) -> Chain:
+        """The chain new connections get (a reload replaces it)."""
+        return self.service.chain
 
     def bind(self) -> None:
         """Open the listening sockets the configuration names (nothing for -s).
@@ -130,8 +134,7 @@ class Server:
             self.listener.close()
         finished = self.service.shutdown_connections(timeout)
         if finished:
-            self.chain.cleanup()
-            self.chain.unload()
+            self.service.finish_all()
         current.set_shutdown_handler(None)
         self.remove_private_dir()
         if self.metrics is not None:

@@ -1,4 +1,5 @@
-"""Service: the state every connection shares (plugin, locks, config, shutdown flag)."""
+"""Service: the state every connection shares (config, shutdown flag, the generation of the
+chain new connections get)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from collections.abc import Callable
 
 from luanbd import log
 from luanbd.backend.chain import Chain
-from luanbd.backend.interface import Plugin, ThreadModel
-from luanbd.backend.locks import Locks, RequestLock
+from luanbd.backend.interface import Plugin
 from luanbd.config import ServerConfig
 from luanbd.protocol.constants import BASE_ALLOCATION
-from luanbd.protocol.handshake import HandshakeConfig
 from luanbd.server.connection import Connection
+from luanbd.server.generation import Generation
 from luanbd.server.stats import ServerStats
 
 #: After SIGTERM, how long connected clients get to notice ESHUTDOWN and disconnect by
@@ -35,23 +35,7 @@ class Service:
     def __init__(self, chain: Chain, config: ServerConfig,
                  plugin_factory: Callable[[], Plugin] | None = None,
                  meta_contexts: tuple[bytes, ...] = (BASE_ALLOCATION,)) -> None:
-        #: What every request goes through: the filters, then the plugin.
-        self.chain = chain
         self.config = config
-        self.locks = Locks(self.chain.thread_model)
-        #: The lock of the shared chain: for serialize_connections/all_requests it is the
-        #: one process-wide request lock.
-        self.shared_lock: RequestLock = self.locks.request_lock()
-        #: Makes a fresh plugin instance (a new Lua state) for one connection; used when the
-        #: thread model lets connections run at the same time.
-        self.plugin_factory = plugin_factory
-        self.handshake_config = HandshakeConfig(
-            handshake_flags=config.handshake_flags,
-            structured_replies=config.structured_replies,
-            meta_contexts=config.meta_contexts,
-            tls=config.tls,
-            meta_context_names=meta_contexts,
-        )
         #: Set (by lifecycle) when --tls is on or require: wraps a socket after STARTTLS.
         self.ssl_context: ssl.SSLContext | None = None
         #: Set once shutdown has begun: new connections are refused, options get
@@ -65,17 +49,55 @@ class Service:
         os.set_blocking(self.wakeup_fd, False)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
-        self._connections: dict[Connection, threading.Thread] = {}
+        self._connections: dict[Connection, tuple[threading.Thread, Generation]] = {}
         self._refused = 0
         #: --metrics: what connections count (server/stats.py), or None.
         self.stats = ServerStats() if config.metrics is not None else None
         self._refused_log = log.Throttle(REFUSED_LOG_INTERVAL)
+        #: The generation new connections get (server/generation.py); a reload replaces it.
+        self.generation = Generation(self, 1, chain, plugin_factory, meta_contexts)
+        #: Retired generations whose connections are still open.
+        self._retired: list[Generation] = []
+        #: Set by SIGHUP: wait_for_stop() calls ``on_reload`` in the main thread.
+        self.reload_requested = False
+        self.on_reload: Callable[[], None] | None = None
 
-    def chain_for_connection(self) -> tuple[Chain, RequestLock]:
-        """The chain and request lock a new connection uses."""
-        if self.plugin_factory is not None and self.locks.model >= ThreadModel.SERIALIZE_REQUESTS:
-            return self.chain.with_plugin(self.plugin_factory()), self.locks.request_lock()
-        return self.chain, self.shared_lock
+    @property
+    def chain(self) -> Chain:
+        """The chain new connections are served by."""
+        return self.generation.chain
+
+    def install(self, chain: Chain, plugin_factory: Callable[[], Plugin] | None,
+                meta_contexts: tuple[bytes, ...]) -> Generation:
+        """A reload: new connections get ``chain``; the old generation serves the
+        connections it has until they close, and is finished after the last one."""
+        with self._lock:
+            old = self.generation
+            self.generation = Generation(self, old.number + 1, chain, plugin_factory,
+                                         meta_contexts)
+            old.retired = True
+            self._retired.append(old)
+        self.finish_retired()
+        return self.generation
+
+    def generations(self) -> tuple[int, int]:
+        """The current generation's number and how many retired ones still serve."""
+        with self._lock:
+            return self.generation.number, len(self._retired)
+
+    def finish_retired(self) -> None:
+        """Clean up and unload every retired generation without a connection left."""
+        with self._lock:
+            done = [g for g in self._retired if g.connections == 0]
+            self._retired = [g for g in self._retired if g.connections]
+        for generation in done:
+            log.debug(f"generation {generation.number}: last connection closed, unloading")
+            generation.finish()
+
+    def finish_all(self) -> None:
+        """At exit, with every connection closed: each generation finished once."""
+        self.finish_retired()
+        self.generation.finish()
 
     def handle(self, sock: socket.socket, peer: str) -> None:
         """Serve an accepted socket in a new thread."""
@@ -92,15 +114,16 @@ class Service:
             if limit and len(self._connections) >= limit:
                 self._refuse(sock, peer, limit)
                 return
-            conn = Connection(self, sock, next(self._numbers), peer)
+            generation = self.generation
+            generation.connections += 1
+            conn = Connection(generation, sock, next(self._numbers), peer)
             thread = threading.Thread(target=self._serve_connection, args=(conn,),
                                       name=f"conn-{conn.number}", daemon=True)
-            self._connections[conn] = thread
+            self._connections[conn] = (thread, generation)
         try:
             thread.start()
         except RuntimeError as err:  # "can't start new thread": out of threads or memory
-            with self._lock:
-                del self._connections[conn]
+            self._closed(conn)
             log.error(f"cannot serve connection from {peer or 'local'}: {err}")
             sock.close()
 
@@ -108,8 +131,15 @@ class Service:
         try:
             conn.run()
         finally:
-            with self._lock:
-                self._connections.pop(conn, None)
+            self._closed(conn)
+
+    def _closed(self, conn: Connection) -> None:
+        with self._lock:
+            _, generation = self._connections.pop(conn)
+            generation.connections -= 1
+            last = generation.retired and generation.connections == 0
+        if last:  # the main thread unloads it (wait_for_stop)
+            self._wake()
 
     def _refuse(self, sock: socket.socket, peer: str, limit: int) -> None:
         """Over the connection limit: close at once, as nbdkit-limit-filter(1) does.  One
@@ -124,20 +154,34 @@ class Service:
 
     def serve_here(self, sock: socket.socket) -> None:
         """Serve one connection in the calling thread (``-s``)."""
-        Connection(self, sock, next(self._numbers), "").run()
+        Connection(self.generation, sock, next(self._numbers), "").run()
 
     def request_shutdown(self) -> None:
         self.stop.set()
+        self._wake()
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the main thread as soon as it wakes."""
+        self.reload_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self.wakeup_fd, b"\0")
 
     def wait_for_stop(self) -> None:
-        """Block until request_shutdown() (or a signal, through the wake-up fd)."""
+        """Block until request_shutdown() (or a signal, through the wake-up fd); meanwhile
+        reload when asked and unload generations whose last connection has gone."""
         while not self.stop.is_set():
             select.select([self._wake_r], [], [])
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 512)
-            # A signal's Python handler runs here, between bytecodes, and sets stop.
+            # A signal's Python handler runs here, between bytecodes, and sets a flag.
+            if self.reload_requested and not self.stop.is_set():
+                self.reload_requested = False
+                if self.on_reload is not None:
+                    self.on_reload()
+            self.finish_retired()
 
     def shutdown_connections(self, timeout: float, grace: float = SHUTDOWN_GRACE) -> bool:
         """Stop serving (proto.md: finish in-flight requests, answer later ones with
@@ -147,7 +191,7 @@ class Service:
             # Under the lock: a connection being added now either is in the list or sees
             # stopping when it is made (Connection.__init__).
             self.stopping = True
-            connections = list(self._connections.items())
+            connections = [(conn, thread) for conn, (thread, _) in self._connections.items()]
         for conn, _ in connections:
             conn.stop.set()
         deadline = time.monotonic() + grace

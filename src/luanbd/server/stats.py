@@ -102,6 +102,8 @@ class ServerStats:
         self.refused: Counter[str] = Counter()
         self.handshakes: Counter[str] = Counter()
         self.totals = Totals()
+        #: SIGHUP reloads by outcome ("ok", "failed").
+        self.reloads: Counter[str] = Counter()
         #: Live connections' stats (a dict used as an ordered set).
         self.live: dict[ConnStats, None] = {}
 
@@ -119,6 +121,10 @@ class ServerStats:
     def refuse(self, reason: str) -> None:
         with self.lock:
             self.refused[reason] += 1
+
+    def reload(self, outcome: str) -> None:
+        with self.lock:
+            self.reloads[outcome] += 1
 
     def closed(self, conn: ConnStats) -> None:
         """Fold a closed connection's counters into the totals."""
