@@ -11,9 +11,12 @@ exports while these run side by side until the time is up:
   handshake timeout;
 * TLS clients (libnbd, certificates made with openssl) writing and reading back;
 * clients of the "flaky" export, where 1 % of the requests fail at random (EIO, ENOSPC,
-  ENOMEM): every failure must be one of those, every success must read back right.
+  ENOMEM): every failure must be one of those, every success must read back right;
+* a reload (SIGHUP) every second: the script and the stats filter are loaded anew for new
+  connections while the open ones finish on theirs (fio's verify spans reloads).
 
-Figures: requests served (the stats filter's total, written at exit), errors by errno (as the
+Figures: requests served (the sum of the stats filter's totals, one appended by each
+generation when it is unloaded; as many as reloads plus one), errors by errno (as the
 clients saw them), luanbd's RSS, open file descriptors and threads at the start (once
 listening, before any client) and at the end (once the last client has gone).
 ``python tests/soak/run.py --seconds 600`` is the long run; test_soak.py the short one.
@@ -85,6 +88,8 @@ class Figures:
     #: errno name -> count, as the clients saw them
     errors: Counter[str] = field(default_factory=Counter)
     served: int = 0
+    #: The stats filter's reports: one per generation unloaded.
+    generations: int = 0
     rss_start: int = 0
     rss_end: int = 0
     fds_start: int = 0
@@ -99,7 +104,8 @@ class Figures:
     def lines(self) -> list[str]:
         mib = 1 / MiB
         return [
-            f"{self.seconds:.0f} s; requests served (stats filter): {self.served}",
+            f"{self.seconds:.0f} s; requests served (stats filter): {self.served} by "
+            f"{self.generations} generations",
             "clients: " + ", ".join(f"{k} {v}" for k, v in sorted(self.done.items())),
             "errors by errno: " + (", ".join(f"{k} {v}" for k, v in
                                              sorted(self.errors.items())) or "none"),
@@ -281,6 +287,12 @@ class Soak:
                         self._fail(f"flaky export: {err}")
             h.shutdown()
 
+    def reloader(self, proc: subprocess.Popen[bytes]) -> None:
+        while self._running():
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGHUP)
+            self._done("reloads")
+
     # --- the run ----------------------------------------------------------------------------
     def run(self) -> Figures:
         make_pki(self.pki)
@@ -295,7 +307,8 @@ class Soak:
             proc = subprocess.Popen(
                 [LUANBD, "-f", "-U", str(self.sock), "--tls=on",
                  f"--tls-certificates={self.pki / 'server'}", "--timeout=2",
-                 "--filter=stats", PLUGIN, f"dir={exports}", f"statsfile={stats}"],
+                 "--filter=stats", PLUGIN, f"dir={exports}", f"statsfile={stats}",
+                 "statsappend=true"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir)
         try:
             self._wait_listening(proc)
@@ -307,7 +320,8 @@ class Soak:
             self._deadline = start + self.seconds
             jobs: list[Callable[[], None]] = [
                 lambda: self.fio(0), lambda: self.fio(1), self.nbdcopy, self.vanishing,
-                self.silent, self.tls, lambda: self.flaky(0), lambda: self.flaky(1)]
+                self.silent, self.tls, lambda: self.flaky(0), lambda: self.flaky(1),
+                lambda: self.reloader(proc)]
             threads_ = [threading.Thread(target=self._guard, args=(job,), daemon=True)
                         for job in jobs]
             for t in threads_:
@@ -341,7 +355,8 @@ class Soak:
                 self.figures.log_errors[_log_kind(line)] += 1
         for line in stats.read_text().splitlines():
             if line.startswith("total: "):
-                self.figures.served = int(line.split()[1])
+                self.figures.served += int(line.split()[1])
+                self.figures.generations += 1
         return self.figures
 
     def _guard(self, job: Callable[[], None]) -> None:

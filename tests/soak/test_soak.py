@@ -31,8 +31,10 @@ def test_soak(tmp_path: Path) -> None:
     assert f.failures == []
     # Every kind of client ran, and was served.
     for kind in ("fio verify runs", "nbdcopy round trips", "vanishing clients",
-                 "silent clients", "TLS connections", "flaky requests"):
+                 "silent clients", "TLS connections", "flaky requests", "reloads"):
         assert f.done[kind] > 0, kind
+    # Every reload took, and every generation was unloaded (its stats report written).
+    assert f.generations == f.done["reloads"] + 1
     assert f.served > f.done["fio requests"] > 0
     # The only errors clients saw are the flaky export's injected ones, about 1 % of its
     # requests (each of the three errnos about a third of them).
