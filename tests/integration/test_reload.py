@@ -6,15 +6,17 @@ the script keeps a journal of its callbacks, one line per event and Lua state.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from luanbd_procs import LUANBD, StartServer, error_lines
+from luanbd_procs import LUANBD, StartServer, client_env, error_lines, wait_path
 from metrics_client import scrape, value
 
+REPO = Path(__file__).resolve().parents[2]
 nbd = pytest.importorskip("nbd", reason="the libnbd Python bindings (python3-libnbd) are missing")
 
 #: Each Lua state names itself (``id``) in every journal line: "<event> <tag> <id>".
@@ -223,3 +225,34 @@ def test_single_connection_ignores_sighup(workdir: Path) -> None:
     time.sleep(0.3)
     assert h.pread(4, 0) == b"AAAA"
     h.shutdown()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is missing")
+@pytest.mark.timeout(60)
+def test_socket_activated_reload_as_the_example_unit_does(workdir: Path) -> None:
+    """Under socket activation (the example unit's way), its ExecReload reloads."""
+    unit = (REPO / "examples" / "systemd" / "luanbd.service").read_text()
+    (reload_cmd,) = [line.split("=", 1)[1] for line in unit.splitlines()
+                     if line.startswith("ExecReload=")]
+    script, journal, sock = workdir / "plugin.lua", workdir / "journal", workdir / "act.sock"
+    write_script(script, "A")
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), LUANBD, "-v",
+                             str(script), f"journal={journal}"],
+                            env=client_env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    uri = f"nbd+unix:///?socket={sock}"
+    try:
+        wait_path(sock)
+        old = connect(uri)
+        assert old.pread(2, 0) == b"AA"
+        write_script(script, "B")
+        subprocess.run(reload_cmd.replace("$MAINPID", str(proc.pid)), shell=True, check=True)
+        wait_for(lambda: connect(uri).pread(2, 0) == b"BB", "the new code served")
+        assert old.pread(2, 0) == b"AA"
+        old.shutdown()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"error" not in err
