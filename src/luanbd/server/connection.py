@@ -9,7 +9,6 @@ covers the call only, so a client that stays silent in the handshake holds nothi
 from __future__ import annotations
 
 import socket
-import ssl
 import traceback
 from typing import Protocol
 
@@ -18,14 +17,14 @@ from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
-from luanbd.config import ServerConfig
 from luanbd.protocol.constants import Cmd
 from luanbd.protocol.errors import ProtocolViolation
-from luanbd.protocol.handshake import NEED_DATA, HandshakeConfig
+from luanbd.protocol.handshake import NEED_DATA
 from luanbd.protocol.replies import Buffers
 from luanbd.protocol.transmission import PayloadBuffer, Request, RequestParser, Session
 from luanbd.server import compiled
 from luanbd.server.negotiation import Negotiation, TlsFailed
+from luanbd.server.negotiation import Shared as NegotiationShared
 from luanbd.server.requests import RequestHandler, StopFlag
 from luanbd.server.stats import ConnStats, ServerStats
 from luanbd.server.transport import (
@@ -38,23 +37,14 @@ from luanbd.server.transport import (
 )
 
 
-class Shared(Protocol):
+class Shared(NegotiationShared, Protocol):
     """What a connection uses of the state it shares with the other connections of its
-    generation (server/generation.py)."""
+    generation (server/generation.py): what negotiation uses, and the chain."""
 
-    @property
-    def config(self) -> ServerConfig: ...
-    @property
-    def handshake_config(self) -> HandshakeConfig: ...
-    @property
-    def ssl_context(self) -> ssl.SSLContext | None: ...
     @property
     def locks(self) -> Locks: ...
     @property
     def chain(self) -> Chain: ...
-    #: Shutdown has begun: requests get ESHUTDOWN, options NBD_REP_ERR_SHUTDOWN.
-    @property
-    def stopping(self) -> bool: ...
     #: --metrics: where connections report (None: metrics are off).
     @property
     def stats(self) -> ServerStats | None: ...
