@@ -17,7 +17,8 @@ OPT = os.environ.get("LUANBD_OPT", "-O2").split()
 
 setup(ext_modules=[
     Extension("luanbd.server._fastpath",
-              ["src/luanbd/server/_fastpath.c", "src/luanbd/server/_fastpath_config.c"],
+              ["src/luanbd/server/_fastpath.c", "src/luanbd/server/_fastpath_config.c",
+               "src/luanbd/server/_fastpath_poll.c"],
               depends=["src/luanbd/server/_fastpath.h"], optional=True,
               extra_compile_args=OPT),
     Extension("luanbd.lua._lualib", ["src/luanbd/lua/_lualib.c"],

@@ -52,6 +52,19 @@ def _malloc_from_env() -> bool:
     return _switch("LUANBD_MALLOC")
 
 
+#: How long the compiled loop polls for a connection's next request before it sleeps.
+DEFAULT_POLL_US = 50
+
+
+def _poll_us_from_env() -> int:
+    """LUANBD_POLL_US: microseconds (0 to 1000000; 0 never polls), else DEFAULT_POLL_US."""
+    try:
+        value = int(os.environ.get("LUANBD_POLL_US", DEFAULT_POLL_US))
+    except ValueError:
+        return DEFAULT_POLL_US
+    return min(max(value, 0), 1_000_000)
+
+
 class UsageError(Exception):
     """A command-line mistake: ``luanbd: <message>`` (no ``error:``, as nbdkit), exit 1."""
 
@@ -128,3 +141,6 @@ class ServerConfig:
     lualib: bool = field(default_factory=_lualib_from_env)
     #: glibc malloc settings for a server process (server/lifecycle.py, LUANBD_MALLOC).
     tune_malloc: bool = field(default_factory=_malloc_from_env)
+    #: The compiled loop polls this long for the next request before sleeping in recv
+    #: (server/_fastpath_poll.c, LUANBD_POLL_US).
+    poll_us: int = field(default_factory=_poll_us_from_env)

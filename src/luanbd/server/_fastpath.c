@@ -32,6 +32,8 @@
  *                   reply to a result that is not plain success
  *       max_batch   READ bytes per batch above which the batch is sent before more is
  *                   executed (as MAX_BATCH does in Python: backpressure)
+ *       poll_ns     before sleeping in recv for the next request, poll this many ns
+ *                   (_fastpath_poll.c; 0: never)
  *       stats, stats_bounds, stats_stride
  *                   --metrics: the connection's ConnStats.cells (array('Q')) updated per
  *                   request as stats.record does, or None; the buckets' bounds in ns
@@ -420,9 +422,11 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         ssize_t n;
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
-        do {
-            n = recv(l.fd, buf + end, (size_t)(cap - end), 0);
-        } while (n < 0 && errno == EINTR);
+        if (!fp_poll_recv(l.fd, buf + end, (size_t)(cap - end), l.poll_ns, &n)) {
+            do {
+                n = recv(l.fd, buf + end, (size_t)(cap - end), 0);
+            } while (n < 0 && errno == EINTR);
+        }
         if (n < 0)
             err = errno;
         Py_END_ALLOW_THREADS
@@ -488,5 +492,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__fastpath(void) {
     if (fp_load_protocol() < 0)
         return NULL;
+    fp_poll_init();
     return PyModule_Create(&module);
 }

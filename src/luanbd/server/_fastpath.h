@@ -46,6 +46,7 @@ struct loop {
     PyObject *acquire, *release;  /* the lock's methods, NULL without a lock */
     Py_buffer stop;               /* the stop flag's cell; stop.obj NULL until taken */
     Py_ssize_t max_batch;
+    uint64_t poll_ns;             /* before sleeping in recv, poll this long (_fastpath_poll.c) */
     /* --metrics: the connection's ConnStats.cells (stats.obj NULL without metrics), the
      * latency bucket bounds in ns, and the cells per command. */
     Py_buffer stats, bounds;
@@ -75,6 +76,10 @@ FP_HIDDEN int fp_load_protocol(void);
 FP_HIDDEN int fp_plain_read(PyObject *obj, struct plain *p);
 /* 0, or -1 with an exception set; call fp_loop_release after either. */
 FP_HIDDEN int fp_loop_read(PyObject *obj, struct loop *l);
+/* _fastpath_poll.c: how many threads may poll (at import); then, before a blocking recv,
+ * poll for up to poll_ns: 1 with recv's result in *n (and errno), 0 to sleep in recv. */
+FP_HIDDEN void fp_poll_init(void);
+FP_HIDDEN int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n);
 FP_HIDDEN void fp_loop_release(struct loop *l);
 
 #endif

@@ -94,16 +94,18 @@ done:
 
 int fp_loop_read(PyObject *obj, struct loop *l) {
     PyObject *plain = NULL, *lock = NULL, *stop = NULL, *cell = NULL;
-    uint64_t fd, batch;
+    uint64_t fd, batch, poll_ns;
     int rc = -1;
 
     memset(l, 0, sizeof *l);
     if (get_uint(obj, "fd", INT32_MAX, &fd) < 0 || get_bool(obj, "structured", &l->structured) < 0
         || get_bool(obj, "api2", &l->api2) < 0
-        || get_uint(obj, "max_batch", PY_SSIZE_T_MAX, &batch) < 0)
+        || get_uint(obj, "max_batch", PY_SSIZE_T_MAX, &batch) < 0
+        || get_uint(obj, "poll_ns", UINT32_MAX, &poll_ns) < 0)
         return -1;
     l->fd = (int)fd;
     l->max_batch = (Py_ssize_t)batch;
+    l->poll_ns = poll_ns;
     if ((plain = PyObject_GetAttrString(obj, "plain")) == NULL ||
         fp_plain_read(plain, &l->plain) < 0)
         goto done;

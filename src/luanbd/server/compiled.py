@@ -41,13 +41,14 @@ class CompiledLoop:
     """What the compiled loop is told about one connection; serve() reads these fields by
     name each time it is entered (never per request)."""
 
-    __slots__ = ("api2", "call", "fd", "handle", "lock", "max_batch", "plain", "pread", "pwrite",
-                 "slow", "stats", "stats_bounds", "stats_stride", "stop", "structured")
+    __slots__ = ("api2", "call", "fd", "handle", "lock", "max_batch", "plain", "poll_ns",
+                 "pread", "pwrite", "slow", "stats", "stats_bounds", "stats_stride", "stop",
+                 "structured")
 
     def __init__(self, *, fd: int, plain: PlainRequests, structured: bool, call: Any,
                  pread: Any, pwrite: Any, handle: Any, api2: bool, lock: RequestLock | None,
                  stop: StopFlag, slow: Any, max_batch: int = MAX_BATCH,
-                 stats: array[int] | None = None) -> None:
+                 stats: array[int] | None = None, poll_us: int = 0) -> None:
         #: The connection's socket (no TLS: the loop uses recv and sendmsg on it).
         self.fd = fd
         #: The requests the loop serves: exactly those ``plain.admits`` takes.
@@ -72,6 +73,8 @@ class CompiledLoop:
         self.slow = slow
         #: READ bytes in a batch from which it is sent before more is executed.
         self.max_batch = max_batch
+        #: Before sleeping in recv for the next request, poll this long (0: never).
+        self.poll_ns = poll_us * 1000
         #: --metrics: the connection's ConnStats.cells, which the loop updates per request
         #: as server/stats.py's record() does (its buckets, its layout); None: nothing.
         self.stats = stats
@@ -95,7 +98,7 @@ class CompiledLoop:
 
 def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: socket.socket,
            tls: bool, chain: Chain, lock: RequestLock, stop: StopFlag,
-           stats: array[int] | None = None) -> CompiledLoop | None:
+           stats: array[int] | None = None, poll_us: int = 0) -> CompiledLoop | None:
     """The compiled loop for this connection, or None where the Python loop must do
     everything: not built or turned off (``enabled``: config.fastpath), TLS (an SSL object),
     extended headers (the loop parses classic headers) or -v (request timing).  Where
@@ -119,4 +122,4 @@ def engage(session: Session, handler: RequestHandler, *, enabled: bool, sock: so
         structured=session.structured_replies, call=call, pread=pread,
         pwrite=pwrite if writable else None, handle=handle,
         api2=api2, lock=None if isinstance(lock, NoLock) else lock, stop=stop,
-        slow=handler.compiled_result, stats=stats)
+        slow=handler.compiled_result, stats=stats, poll_us=poll_us)

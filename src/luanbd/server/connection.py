@@ -190,7 +190,8 @@ class Connection:
                                enabled=self.service.config.fastpath and not sparse,
                                sock=self.sock, tls=self.tls, chain=self.chain, lock=self.lock,
                                stop=self.stop,
-                               stats=stats.cells if stats is not None else None)
+                               stats=stats.cells if stats is not None else None,
+                               poll_us=self.service.config.poll_us)
         try:
             while True:
                 if fast is not None:

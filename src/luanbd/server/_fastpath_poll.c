@@ -1,0 +1,79 @@
+/* The compiled loop's wait for the next request: poll the socket for a short while before
+ * sleeping in recv().
+ *
+ * One request at a time (QD1), the server thread sleeps between a reply and the next
+ * request, and both the sleep and the wake-up cost kernel time (the scheduler, an IPI to a
+ * halted CPU under a hypervisor) and latency; when the client's next request comes within
+ * a few tens of microseconds, polling for it (recv MSG_DONTWAIT, yielding the CPU between
+ * tries) costs about what the sleep and wake-up would, and saves their latency
+ * (bench/README.md has the measurements).  It is bounded three ways:
+ *   - loop->poll_ns per wait (LUANBD_POLL_US; 0: never poll);
+ *   - per connection thread, polls that found nothing back off: after POLL_MISSES misses in
+ *     a row, the next waits sleep at once, twice as many each time, up to MAX_BACKOFF;
+ *   - at most one polling thread fewer than the CPUs this process may run on, so polling
+ *     never takes the last CPU from threads with work (none on one CPU).
+ * Between tries sched_yield() gives the CPU to any other runnable thread on it (a client
+ * on the same CPU, another connection), which then runs first. */
+
+#include "_fastpath.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <time.h>
+
+enum { POLL_MISSES = 2, MIN_BACKOFF = 8, MAX_BACKOFF = 4096 };
+
+static int max_pollers;
+static int pollers;
+static _Thread_local unsigned misses, skip, backoff = MIN_BACKOFF;
+
+void fp_poll_init(void) {
+    cpu_set_t set;
+    int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+    max_pollers = cpus - 1;
+}
+
+static inline uint64_t clock_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
+    if (poll_ns == 0 || max_pollers < 1)
+        return 0;
+    if (skip > 0) {
+        skip--;
+        return 0;
+    }
+    if (__atomic_add_fetch(&pollers, 1, __ATOMIC_RELAXED) > max_pollers) {
+        __atomic_sub_fetch(&pollers, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    int got = 0, err = 0;
+    uint64_t until = clock_ns() + poll_ns;
+    for (;;) {
+        ssize_t r = recv(fd, dst, room, MSG_DONTWAIT);
+        if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            *n = r;
+            err = errno;
+            got = 1;
+            break;
+        }
+        if (clock_ns() >= until)
+            break;
+        sched_yield();
+    }
+    __atomic_sub_fetch(&pollers, 1, __ATOMIC_RELAXED);
+    if (got) {
+        misses = 0;
+        backoff = MIN_BACKOFF;
+    } else if (++misses >= POLL_MISSES) {
+        misses = 0;
+        skip = backoff;
+        backoff = backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : backoff * 2;
+    }
+    errno = err;
+    return got;
+}
