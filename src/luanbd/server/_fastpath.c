@@ -44,7 +44,10 @@
  * callback propagates as it would from the Python loop.
  *
  * admits(plain, cmd, flags, offset, length) -> bool: plain_admits, for tests to compare
- * with PlainRequests.admits.
+ * with PlainRequests.admits (_fastpath_config.c).
+ *
+ * poll_counts() -> (hits, misses, skipped): the waits for a request of every connection so
+ * far, by what the poll before recv did (_fastpath_poll.c).
  *
  * The protocol's numbers (magics, commands, reply flags and types, header sizes) are read
  * from luanbd.protocol.constants when the module is imported (_fastpath_config.c, which
@@ -454,32 +457,13 @@ error:
     return NULL;
 }
 
-static PyObject *admits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    struct plain p;
-    (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "admits(plain, cmd, flags, offset, length)");
-        return NULL;
-    }
-    if (fp_plain_read(args[0], &p) < 0)
-        return NULL;
-    unsigned long cmd = PyLong_AsUnsignedLong(args[1]), flags = PyLong_AsUnsignedLong(args[2]);
-    unsigned long long offset = PyLong_AsUnsignedLongLong(args[3]);
-    unsigned long length = PyLong_AsUnsignedLong(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (cmd > UINT16_MAX || flags > UINT16_MAX || length > UINT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "admits: a field wider than its header field");
-        return NULL;
-    }
-    return PyBool_FromLong(plain_admits(&p, (uint16_t)cmd, (uint16_t)flags, offset, length));
-}
-
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
      "serve(loop, buf, pos, end, send_lock) -> (pos, end, eof)"},
-    {"admits", (PyCFunction)(void (*)(void))admits, METH_FASTCALL,
+    {"admits", (PyCFunction)(void (*)(void))fp_admits, METH_FASTCALL,
      "admits(plain, cmd, flags, offset, length) -> bool: the loop's plain-request test"},
+    {"poll_counts", fp_poll_counts, METH_NOARGS,
+     "poll_counts() -> (hits, misses, skipped): waits for a request, by outcome of the poll"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -79,6 +79,9 @@ FP_HIDDEN int fp_loop_read(PyObject *obj, struct loop *l);
 /* _fastpath_poll.c: how many threads may poll (at import); then, before a blocking recv,
  * poll for up to poll_ns: 1 with recv's result in *n (and errno), 0 to sleep in recv. */
 FP_HIDDEN void fp_poll_init(void);
+/* The module's admits() (_fastpath_config.c) and poll_counts() (_fastpath_poll.c). */
+FP_HIDDEN PyObject *fp_admits(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+FP_HIDDEN PyObject *fp_poll_counts(PyObject *self, PyObject *unused);
 FP_HIDDEN int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n);
 FP_HIDDEN void fp_loop_release(struct loop *l);
 

@@ -232,3 +232,25 @@ done:
     Py_DECREF(c);
     return rc;
 }
+
+/* admits(): plain_admits, for tests to compare with PlainRequests.admits. */
+PyObject *fp_admits(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    struct plain p;
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "admits(plain, cmd, flags, offset, length)");
+        return NULL;
+    }
+    if (fp_plain_read(args[0], &p) < 0)
+        return NULL;
+    unsigned long cmd = PyLong_AsUnsignedLong(args[1]), flags = PyLong_AsUnsignedLong(args[2]);
+    unsigned long long offset = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long length = PyLong_AsUnsignedLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (cmd > UINT16_MAX || flags > UINT16_MAX || length > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "admits: a field wider than its header field");
+        return NULL;
+    }
+    return PyBool_FromLong(plain_admits(&p, (uint16_t)cmd, (uint16_t)flags, offset, length));
+}

@@ -26,6 +26,8 @@ enum { POLL_MISSES = 2, MIN_BACKOFF = 8, MAX_BACKOFF = 4096 };
 
 static int max_pollers;
 static int pollers;
+/* Waits by outcome, for --metrics: the poll found data, found none, or was not tried. */
+static uint64_t hits, polled_misses, skipped;
 static _Thread_local unsigned misses, skip, backoff = MIN_BACKOFF;
 
 void fp_poll_init(void) {
@@ -45,10 +47,12 @@ int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
         return 0;
     if (skip > 0) {
         skip--;
+        __atomic_add_fetch(&skipped, 1, __ATOMIC_RELAXED);
         return 0;
     }
     if (__atomic_add_fetch(&pollers, 1, __ATOMIC_RELAXED) > max_pollers) {
         __atomic_sub_fetch(&pollers, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&skipped, 1, __ATOMIC_RELAXED);
         return 0;
     }
     int got = 0, err = 0;
@@ -66,6 +70,7 @@ int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
         sched_yield();
     }
     __atomic_sub_fetch(&pollers, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(got ? &hits : &polled_misses, 1, __ATOMIC_RELAXED);
     if (got) {
         misses = 0;
         backoff = MIN_BACKOFF;
@@ -76,4 +81,12 @@ int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
     }
     errno = err;
     return got;
+}
+
+PyObject *fp_poll_counts(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("KKK", (unsigned long long)__atomic_load_n(&hits, __ATOMIC_RELAXED),
+                         (unsigned long long)__atomic_load_n(&polled_misses, __ATOMIC_RELAXED),
+                         (unsigned long long)__atomic_load_n(&skipped, __ATOMIC_RELAXED));
 }

@@ -37,6 +37,12 @@ FASTPATH_BUILT = _fastpath is not None
 MAX_LENGTH = LARGE_DATA - 1
 
 
+def poll_counts() -> tuple[int, int, int] | None:
+    """The compiled loop's waits for a request so far: (hits, misses, skipped) of the poll
+    before recv (server/_fastpath_poll.c); None where the loop is not built."""
+    return _fastpath.poll_counts() if _fastpath is not None else None
+
+
 class CompiledLoop:
     """What the compiled loop is told about one connection; serve() reads these fields by
     name each time it is entered (never per request)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from luanbd import __version__, log
 from luanbd.protocol.constants import Cmd
 from luanbd.server import stats as st
+from luanbd.server.compiled import poll_counts
 from luanbd.server.listener import BindError
 
 if TYPE_CHECKING:
@@ -100,6 +101,15 @@ class _Collector:
         yield from self._requests(totals)
         yield CounterMetricFamily("luanbd_writer_batches", "Reply batches sent by a "
                                   "connection's writer thread", value=totals.writer_batches)
+        polls = poll_counts()
+        if polls is not None:
+            family = CounterMetricFamily(
+                "luanbd_request_waits", "The compiled loop's waits for a connection's next "
+                "request, by the poll before sleeping (LUANBD_POLL_US): hit (the request "
+                "came), miss (it slept after all), skipped (not polled)", labels=["poll"])
+            for label, n in zip(("hit", "miss", "skipped"), polls, strict=True):
+                family.add_metric([label], n)
+            yield family
         yield self._lua_memory(live)
 
     def _requests(self, totals: st.Totals) -> Iterator[Metric]:
