@@ -361,6 +361,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     b->n = 0;
     b->data = 0;
     int eof = 0;
+    fp_busy(1);  /* from here to each return: serving (see _fastpath_poll.c) */
     PyObject *zero = PyLong_FromLong(0);
     if (zero == NULL)
         goto error;
@@ -425,6 +426,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         ssize_t n;
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
+        fp_busy(-1);
         if (!fp_poll_recv(l.fd, buf + end, (size_t)(cap - end), l.poll_ns, &n)) {
             do {
                 n = recv(l.fd, buf + end, (size_t)(cap - end), 0);
@@ -432,6 +434,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         if (n < 0)
             err = errno;
+        fp_busy(1);
         Py_END_ALLOW_THREADS
         if (n < 0) {
             errno = err;
@@ -444,12 +447,14 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         }
         end += n;
     }
+    fp_busy(-1);
     Py_DECREF(zero);
     PyMem_Free(b);
     fp_loop_release(&l);
     return Py_BuildValue("nnO", pos, end, eof ? Py_True : Py_False);
 
 error:
+    fp_busy(-1);
     Py_XDECREF(zero);
     batch_clear(b);
     PyMem_Free(b);

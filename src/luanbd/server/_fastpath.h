@@ -79,6 +79,9 @@ FP_HIDDEN int fp_loop_read(PyObject *obj, struct loop *l);
 /* _fastpath_poll.c: how many threads may poll (at import); then, before a blocking recv,
  * poll for up to poll_ns: 1 with recv's result in *n (and errno), 0 to sleep in recv. */
 FP_HIDDEN void fp_poll_init(void);
+/* A thread starts (+1) or stops (-1) serving in the compiled loop: it is busy outside its
+ * waits for the next request, and nobody polls while another thread is busy. */
+FP_HIDDEN void fp_busy(int delta);
 /* The module's admits() (_fastpath_config.c) and poll_counts() (_fastpath_poll.c). */
 FP_HIDDEN PyObject *fp_admits(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 FP_HIDDEN PyObject *fp_poll_counts(PyObject *self, PyObject *unused);

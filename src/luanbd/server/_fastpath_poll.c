@@ -11,7 +11,10 @@
  *   - per connection thread, polls that found nothing back off: after POLL_MISSES misses in
  *     a row, the next waits sleep at once, twice as many each time, up to MAX_BACKOFF;
  *   - at most one polling thread fewer than the CPUs this process may run on, so polling
- *     never takes the last CPU from threads with work (none on one CPU).
+ *     never takes the last CPU from threads with work (none on one CPU);
+ *   - no poll while another connection thread is busy serving: with several clients at
+ *     once the CPU goes to the threads with work (polling then cost the other clients
+ *     latency: bench/README.md).
  * Between tries sched_yield() gives the CPU to any other runnable thread on it (a client
  * on the same CPU, another connection), which then runs first. */
 
@@ -26,9 +29,15 @@ enum { POLL_MISSES = 2, MIN_BACKOFF = 8, MAX_BACKOFF = 4096 };
 
 static int max_pollers;
 static int pollers;
+/* Connection threads in the compiled loop and not waiting for a request. */
+static int busy;
 /* Waits by outcome, for --metrics: the poll found data, found none, or was not tried. */
 static uint64_t hits, polled_misses, skipped;
 static _Thread_local unsigned misses, skip, backoff = MIN_BACKOFF;
+
+void fp_busy(int delta) {
+    __atomic_add_fetch(&busy, delta, __ATOMIC_RELAXED);
+}
 
 void fp_poll_init(void) {
     cpu_set_t set;
@@ -45,8 +54,9 @@ static inline uint64_t clock_ns(void) {
 int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
     if (poll_ns == 0 || max_pollers < 1)
         return 0;
-    if (skip > 0) {
-        skip--;
+    if (skip > 0 || __atomic_load_n(&busy, __ATOMIC_RELAXED) > 0) {
+        if (skip > 0)
+            skip--;
         __atomic_add_fetch(&skipped, 1, __ATOMIC_RELAXED);
         return 0;
     }
