@@ -361,8 +361,9 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     b->n = 0;
     b->data = 0;
     int eof = 0;
-    /* Poll before a wait only if requests were served here since the last one: a client of
-     * big or special requests (the Python loop's) leaves the CPU to their replies. */
+    /* Poll before a wait only if one request was served here since the last one: a client
+     * that waits for each reply (QD1).  With more in flight a sleep costs each of them less;
+     * big or special requests (the Python loop's) leave the CPU to their replies. */
     int served = 0;
     fp_busy(1);  /* from here to each return: serving (see _fastpath_poll.c) */
     PyObject *zero = PyLong_FromLong(0);
@@ -411,7 +412,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             Py_DECREF(count);
             if (rc < 0)
                 goto error;
-            served = 1;
+            served++;
             if (metered)
                 stat_record(&l, type, length, now_ns() - start, called - start);
         }
@@ -431,7 +432,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
         fp_busy(-1);
-        if (!fp_poll_recv(l.fd, buf + end, (size_t)(cap - end), served ? l.poll_ns : 0, &n)) {
+        if (!fp_poll_recv(l.fd, buf + end, (size_t)(cap - end), served == 1 ? l.poll_ns : 0,
+                          &n)) {
             do {
                 n = recv(l.fd, buf + end, (size_t)(cap - end), 0);
             } while (n < 0 && errno == EINTR);
