@@ -61,7 +61,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <time.h>
 
 /* Replies per batch: each takes two iovecs, or up to MAX_LIST from the slow path, and a
  * sendmsg takes at most IOV_MAX (1024) iovecs. */
@@ -295,12 +294,6 @@ static int add_reply(struct batch *b, const struct loop *l, uint16_t type, uint6
     r->data = list;
     b->n++;
     return 0;
-}
-
-static inline uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);  /* time.perf_counter_ns's clock */
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* --metrics: one request served here, as stats.record does for the Python loop. */

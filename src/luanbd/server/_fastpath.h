@@ -6,6 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <time.h>
 
 /* The wire layouts encoded and parsed here, as struct formats: the import checks them
  * against luanbd.protocol.constants' structs and fails if they differ. */
@@ -76,6 +77,13 @@ FP_HIDDEN int fp_load_protocol(void);
 FP_HIDDEN int fp_plain_read(PyObject *obj, struct plain *p);
 /* 0, or -1 with an exception set; call fp_loop_release after either. */
 FP_HIDDEN int fp_loop_read(PyObject *obj, struct loop *l);
+/* time.perf_counter_ns's clock: request timing (--metrics) and the poll's deadline. */
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* _fastpath_poll.c: how many threads may poll (at import); then, before a blocking recv,
  * poll for up to poll_ns: 1 with recv's result in *n (and errno), 0 to sleep in recv. */
 FP_HIDDEN void fp_poll_init(void);

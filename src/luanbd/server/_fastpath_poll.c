@@ -23,7 +23,6 @@
 #include <errno.h>
 #include <sched.h>
 #include <sys/socket.h>
-#include <time.h>
 
 enum { POLL_MISSES = 2, MIN_BACKOFF = 8, MAX_BACKOFF = 4096 };
 
@@ -45,12 +44,6 @@ void fp_poll_init(void) {
     max_pollers = cpus - 1;
 }
 
-static inline uint64_t clock_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
     if (poll_ns == 0 || max_pollers < 1)
         return 0;
@@ -66,7 +59,7 @@ int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
         return 0;
     }
     int got = 0, err = 0;
-    uint64_t until = clock_ns() + poll_ns;
+    uint64_t until = now_ns() + poll_ns;
     for (;;) {
         ssize_t r = recv(fd, dst, room, MSG_DONTWAIT);
         if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
@@ -75,7 +68,7 @@ int fp_poll_recv(int fd, void *dst, size_t room, uint64_t poll_ns, ssize_t *n) {
             got = 1;
             break;
         }
-        if (clock_ns() >= until)
+        if (now_ns() >= until)
             break;
         sched_yield();
     }

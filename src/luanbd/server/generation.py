@@ -5,7 +5,7 @@ after_fork) with what belongs to it: its locks (the thread model may differ afte
 the maker of per-connection plugin instances and the handshake's meta context names.  A
 connection keeps the generation it was accepted under until it closes; a retired generation
 is cleaned up and unloaded (cleanup, then unload, on every layer) once its last connection
-has gone, and never twice.
+has gone.
 """
 
 from __future__ import annotations
@@ -61,9 +61,6 @@ class Generation:
         #: Connections accepted under this generation and not yet closed (the service's
         #: lock guards it).
         self.connections = 0
-        #: A newer generation serves new connections.
-        self.retired = False
-        self._finished = False
 
     # What every connection reads from the service, the same for every generation.
     @property
@@ -89,9 +86,7 @@ class Generation:
         return self.chain, self.shared_lock
 
     def finish(self) -> None:
-        """cleanup, then unload, on every layer: once, with no connection left."""
-        if self._finished:
-            return
-        self._finished = True
+        """cleanup, then unload, on every layer, with no connection left (the service
+        calls it once per generation)."""
         self.chain.cleanup()
         self.chain.unload()

@@ -80,18 +80,17 @@ class _Collector:
             labels=["reason"])
         handshakes = CounterMetricFamily("luanbd_handshakes", "Handshakes by how they ended",
                                          labels=["outcome"])
+        reloads = CounterMetricFamily("luanbd_reloads", "Reloads (SIGHUP) by outcome",
+                                      labels=["outcome"])
         with server.lock:
             for reason in st.REFUSED_REASONS:
                 refused.add_metric([reason], server.refused[reason])
             for outcome in st.HANDSHAKE_OUTCOMES:
                 handshakes.add_metric([outcome], server.handshakes[outcome])
-        yield refused
-        yield handshakes
-        reloads = CounterMetricFamily("luanbd_reloads", "Reloads (SIGHUP) by outcome",
-                                      labels=["outcome"])
-        with server.lock:
             for outcome in ("ok", "failed"):
                 reloads.add_metric([outcome], server.reloads[outcome])
+        yield refused
+        yield handshakes
         yield reloads
         generation, retired = self.service.generations()
         yield GaugeMetricFamily("luanbd_generation", "The generation new connections get: "

@@ -75,7 +75,6 @@ class Service:
             old = self.generation
             self.generation = Generation(self, old.number + 1, chain, plugin_factory,
                                          meta_contexts)
-            old.retired = True
             self._retired.append(old)
         self.finish_retired()
         return self.generation
@@ -86,7 +85,8 @@ class Service:
             return self.generation.number, len(self._retired)
 
     def finish_retired(self) -> None:
-        """Clean up and unload every retired generation without a connection left."""
+        """Clean up and unload every retired generation without a connection left (each
+        leaves the list here, so it is finished once)."""
         with self._lock:
             done = [g for g in self._retired if g.connections == 0]
             self._retired = [g for g in self._retired if g.connections]
@@ -95,7 +95,8 @@ class Service:
             generation.finish()
 
     def finish_all(self) -> None:
-        """At exit, with every connection closed: each generation finished once."""
+        """At exit (Server.stop, once), with every connection closed: the retired
+        generations, then the current one."""
         self.finish_retired()
         self.generation.finish()
 
@@ -137,7 +138,7 @@ class Service:
         with self._lock:
             _, generation = self._connections.pop(conn)
             generation.connections -= 1
-            last = generation.retired and generation.connections == 0
+            last = generation is not self.generation and generation.connections == 0
         if last:  # the main thread unloads it (wait_for_stop)
             self._wake()
 
