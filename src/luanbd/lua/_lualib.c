@@ -34,6 +34,7 @@ typedef struct lua_State lua_State;
 typedef long long lua_Integer;
 typedef double lua_Number;
 typedef int (*lua_CFunction)(lua_State *);
+typedef void *(*lua_Alloc)(void *ud, void *ptr, size_t osize, size_t nsize);
 
 /* lauxlib.h's luaL_Stream: the userdata of a Lua file handle ("FILE*"). */
 typedef struct luaL_Stream {
@@ -97,6 +98,8 @@ static struct {
     void (*pushnil)(lua_State *);
     void (*rotate)(lua_State *, int, int);
     int (*fileresult)(lua_State *, int, const char *);
+    lua_Alloc (*getallocf)(lua_State *, void **);
+    void (*setallocf)(lua_State *, lua_Alloc, void *);
 } api;
 
 static int bound = 0;
@@ -220,15 +223,68 @@ __attribute__((visibility("default"))) int luanbd_lualib_probe(lua_State *L)
     return 2;
 }
 
-/* A new string of n bytes (zeros) for a WRITE payload to be received into (lua/pinning.py):
+/* A new string of n bytes for a WRITE payload or a file read to be received into
+ * (lua/pinning.py): its bytes are unspecified, and the caller overwrites every one before
+ * any Lua code sees the string.
+ *
  * lua_pushlstring is the only way to a string of a given size that allocates just the
- * string.  string.rep and luaL_Buffer build it in a buffer first and copy that, which
- * holds twice the payload for a moment. */
+ * string (string.rep and luaL_Buffer build it in a buffer first and copy that), but it
+ * copies its source into the new string: for a 1 MiB payload that copy cost as much as
+ * the script's own work on it.  So the string's memory is allocated first, by the state's
+ * own allocator (its accounting and limit apply as usual), and handed to Lua when it asks
+ * for exactly that block (a long string: its header, n bytes and a NUL), with the new
+ * string's contents as the source: glibc's memcpy returns at once when source and
+ * destination are the same, and any memcpy leaves the bytes as they are.  Should Lua not
+ * ask (a build whose strings differ), the block is given back, the string is made from
+ * the zero page as before and the hand-off is not tried again. */
+#define LNGSTR_HEADER 24  /* offsetof(TString, contents) of a 5.4 long string, 64-bit */
+
+struct handoff {
+    lua_Alloc alloc;
+    void *ud;
+    char *block;
+    size_t size;
+    int taken;
+};
+
+static int handoff_ok = 1;
+
+static void *handoff_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct handoff *h = ud;
+    if (!h->taken && ptr == NULL && osize == LUA_TSTRING && nsize == h->size) {
+        h->taken = 1;
+        return h->block;
+    }
+    return h->alloc(h->ud, ptr, osize, nsize);
+}
+
+static int blank_handoff(lua_State *L, size_t n)
+{
+    struct handoff h = {NULL, NULL, NULL, LNGSTR_HEADER + n + 1, 0};
+    h.alloc = api.getallocf(L, &h.ud);
+    h.block = h.alloc(h.ud, NULL, LUA_TSTRING, h.size);
+    if (h.block == NULL)
+        return 0;  /* no memory: lua_pushlstring below raises Lua's error */
+    api.setallocf(L, handoff_alloc, &h);
+    api.pushlstring(L, h.block + LNGSTR_HEADER, n);  /* cannot raise: its memory is here */
+    api.setallocf(L, h.alloc, h.ud);
+    if (h.taken && api.tolstring(L, -1, NULL) == h.block + LNGSTR_HEADER)
+        return 1;
+    if (!h.taken)
+        h.alloc(h.ud, h.block, h.size, 0);
+    pop(L, 1);  /* made from the block's unspecified bytes elsewhere: not this one */
+    handoff_ok = 0;
+    return 0;
+}
+
 __attribute__((visibility("default"))) int luanbd_blank_string(lua_State *L)
 {
     lua_Integer n = api.optinteger(L, 1, 0);
     if (n < 0 || n > BLANK_MAX || blank == NULL)
         return api.error(L, "blank string of %I bytes: out of range", n);
+    if (n > 40 && handoff_ok && blank_handoff(L, (size_t)n))
+        return 1;
     api.pushlstring(L, blank, (size_t)n);
     return 1;
 }
@@ -344,6 +400,8 @@ static PyObject *bind(PyObject *self, PyObject *arg)
     FIND(pushnil, "lua_pushnil");
     FIND(rotate, "lua_rotate");
     FIND(fileresult, "luaL_fileresult");
+    FIND(getallocf, "lua_getallocf");
+    FIND(setallocf, "lua_setallocf");
 #undef FIND
     /* lua_version ignores its argument in 5.4 (it took a state, not NULL, in 5.3). */
     if (api.version(NULL) != 504)
