@@ -59,8 +59,9 @@ def _install_file_read(lua_globals: Any, path: bytes) -> None:
 
 
 def blank_string(lua_globals: Any) -> Any:
-    """Lua function ``blank(n)``: a new string of n zero bytes that costs only its own memory
-    (_lualib.c), for a WRITE payload to be received into; call only after install()."""
+    """Lua function ``blank(n)``: a new string of n unspecified bytes that costs only its own
+    memory and no copy (_lualib.c), for a WRITE payload to be received into (every byte is
+    written before Lua code sees it); call only after install()."""
     assert BUILT
     fn = lua_globals.package.loadlib(_lualib.__file__.encode(), b"luanbd_blank_string")
     return None if isinstance(fn, tuple) else fn

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import traceback
+from collections.abc import Callable
 from typing import Protocol
 
 from luanbd import log
@@ -17,7 +18,7 @@ from luanbd.backend import current
 from luanbd.backend.chain import Chain
 from luanbd.backend.interface import PluginError, StartupError
 from luanbd.backend.locks import Locks, RequestLock
-from luanbd.protocol.constants import Cmd
+from luanbd.protocol.constants import LARGE_DATA, Cmd
 from luanbd.protocol.errors import ProtocolViolation
 from luanbd.protocol.handshake import NEED_DATA
 from luanbd.protocol.replies import Buffers
@@ -25,6 +26,7 @@ from luanbd.protocol.transmission import PayloadBuffer, Request, RequestParser, 
 from luanbd.server import compiled
 from luanbd.server.negotiation import Negotiation, TlsFailed
 from luanbd.server.negotiation import Shared as NegotiationShared
+from luanbd.server.readahead import ReadAhead
 from luanbd.server.requests import RequestHandler, StopFlag
 from luanbd.server.stats import ConnStats, ServerStats
 from luanbd.server.transport import (
@@ -70,6 +72,10 @@ class Connection:
         self.negotiation: Negotiation | None = None
         #: nbdkit_disconnect was called: the connection ends after the current batch.
         self.closing = False
+        #: The plugin's payload buffer made ahead (_prepare_payload) for the read-ahead to
+        #: receive the next big WRITE into while this one's holds the request lock.
+        self._spare: list[tuple[bytes, memoryview]] = []
+        self._prepare_payload: Callable[[int], None] = lambda size: None
         #: No new requests (ESHUTDOWN): set by nbdkit_disconnect and by server shutdown.
         self.stop = StopFlag()
         if service.stopping:
@@ -192,17 +198,36 @@ class Connection:
                                stop=self.stop,
                                stats=stats.cells if stats is not None else None,
                                poll_us=self.service.config.poll_us)
+
+        def receive() -> None:
+            # Receive straight into the parser's buffer: a WRITE payload is then copied
+            # only once more, into the bytes object the plugin gets.  The rest of a big
+            # payload is waited for whole (MSG_WAITALL: one trip through this loop, not
+            # one per ~200 KiB the socket hands over; not on TLS, which takes no flags).
+            flags = wait_all if parser.receiving_payload else 0
+            with parser.get_buffer() as view:
+                n = recv_into(view, 0, flags)
+            if n == 0:
+                raise ClientGone
+            parser.commit(n)
+
+        ahead = (ReadAhead(parser, receive, self.shutdown_read, f"conn-{self.number}-reader")
+                 if writer is not None else None)
         try:
             while True:
                 if fast is not None:
                     # The compiled loop serves plain small READs and WRITEs until a request
                     # it leaves to the code below (which is the reference for both).
                     fast.run(parser, writer)
+                ahead_got: Request | None = None  # the request the read-ahead received
                 while True:
-                    request = parser.next_request()
-                    if request is NEED_DATA:
-                        break
-                    assert isinstance(request, Request)
+                    if ahead_got is None:
+                        request = parser.next_request()
+                        if request is NEED_DATA:
+                            break
+                        assert isinstance(request, Request)
+                    else:
+                        request, ahead_got = ahead_got, None
                     cmd = request.cmd
                     if cmd is Cmd.DISC:
                         log.debug(f"conn {self.number}: client sent NBD_CMD_DISC")
@@ -210,6 +235,21 @@ class Connection:
                         if writer is not None:
                             writer.finish()
                         return
+                    if (ahead is not None and cmd is Cmd.WRITE and request.length >= LARGE_DATA
+                            and request.data is not None and not parser.buffered
+                            and not self.closing and ahead.wanted()):
+                        self._prepare_payload(request.length)
+                        ahead.start()
+                        out += handle(request)
+                        ahead.gained()
+                        # The reply goes out before waiting: the client may want it before
+                        # it sends more.
+                        self._send_batch(out, size, writer)
+                        out, size = [], 0
+                        if self.closing:  # nbdkit_disconnect: no next request (stop)
+                            break
+                        ahead_got = ahead.result()
+                        continue
                     out += handle(request)
                     if cmd is Cmd.READ:
                         size += request.length
@@ -226,17 +266,10 @@ class Connection:
                     if writer is not None:
                         writer.finish()
                     return
-                # Receive straight into the parser's buffer: a WRITE payload is then copied
-                # only once more, into the bytes object the plugin gets.  The rest of a big
-                # payload is waited for whole (MSG_WAITALL: one trip through this loop, not
-                # one per ~200 KiB the socket hands over; not on TLS, which takes no flags).
-                flags = wait_all if parser.receiving_payload else 0
-                with parser.get_buffer() as view:
-                    n = recv_into(view, 0, flags)
-                if n == 0:
-                    raise ClientGone
-                parser.commit(n)
+                receive()
         finally:
+            if ahead is not None:
+                ahead.stop()
             if writer is not None:
                 writer.stop()
 
@@ -248,13 +281,30 @@ class Connection:
         ordinary = writable_bytes
         if plugin is None or ordinary is None:
             return ordinary
-        make, lock = plugin.payload_buffer, self.lock
+        make, lock, spare = plugin.payload_buffer, self.lock, self._spare
 
         def payload_buffer(size: int) -> tuple[bytes, memoryview]:
+            if spare:
+                ahead = spare.pop()
+                if len(ahead[0]) == size:
+                    return ahead
+                # The read-ahead's guess was wrong: no waiting for the lock that this
+                # connection's WRITE holds; the plugin copies the bytes (one copy).
+                return ordinary(size)
             with lock:
                 made = make(size)
             return made if made is not None else ordinary(size)
 
+        def prepare(size: int) -> None:
+            if spare and len(spare[0][0]) == size:
+                return
+            spare.clear()
+            with lock:
+                made = make(size)
+            if made is not None:
+                spare.append(made)
+
+        self._prepare_payload = prepare
         return payload_buffer
 
     def _send_batch(self, out: Buffers, size: int, writer: Writer | None) -> None:
