@@ -5,7 +5,7 @@ this WRITE (the client is not left blocked on a full socket); the replies and th
 are those of the plain loop, whatever the sizes that follow each other; nbdkit_disconnect
 in a WRITE closes the connection without waiting for a next request; a bad request after
 a big WRITE gets the WRITE's reply, then the usual one error line; no thread outlives its
-connection.
+connection; --metrics counts what it did (luanbd_read_aheads_total).
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 from luanbd_procs import CMD_READ, CMD_WRITE, RawClient, StartServer, run_client
+from metrics_client import scrape, value
 
 MiB = 1024 * 1024
 
 # Whole requests kept by offset (a read returns what the write at that offset wrote);
-# the first WRITE at offset 0 works for a second first (os.clock: CPU time, busy).
+# the first WRITE at offset 0 works for a second first (os.clock: CPU time, busy), and
+# WRITEs from 40 MiB on for 2 ms each.
 SCRIPT = """
 local data = {}
 local slow = true
@@ -41,6 +43,10 @@ function pwrite(h, buf, offset)
     while os.clock() - t < 1 do end
   end
   if offset == 32 * 1048576 then nbdkit.disconnect(false) end
+  if offset >= 40 * 1048576 then  -- 2 ms of work per WRITE here
+    local t = os.clock()
+    while os.clock() - t < 0.002 do end
+  end
   data[offset] = buf
 end
 """
@@ -167,3 +173,37 @@ def test_no_thread_outlives_its_connection(start_server: StartServer, tmp_path: 
     while threads_of(server.proc.pid) > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threads_of(server.proc.pid) == before
+
+
+def aheads(msock: Path) -> dict[str, float]:
+    s = scrape(msock)
+    return {o: value(s, "luanbd_read_aheads_total", outcome=o)
+            for o in ("gained", "missed", "skipped")}
+
+
+def test_it_backs_off_for_a_client_that_waits_for_each_reply(
+        start_server: StartServer, tmp_path: Path) -> None:
+    msock = tmp_path / "m.sock"
+    server = start_server(plugin(tmp_path), options=[f"--metrics={msock}"])
+    assert server.sock is not None
+    with RawClient(server.sock) as c:
+        c.connect_export()
+        for i in range(40):  # one at a time: each reply before the next request
+            assert c.write((1 + i % 8) * MiB, bytes([i]) * (128 * 1024), cookie=i) == 0
+    got = aheads(msock)
+    # 2 misses, 8 skipped, 2 misses, 16 skipped, 2 misses, then skipping again.
+    assert got["gained"] == 0, got
+    assert got["missed"] == 6, got
+    assert got["skipped"] == 34, got
+    # A client that pipelines big WRITEs: the next one is on its way while each runs
+    # (with a plugin as quick as this one's first 40 MiB nothing comes meanwhile).
+    code = """
+import os
+data = os.urandom(1048576)
+cookies = [h.aio_pwrite(data, (40 + i % 8) * 1048576) for i in range(64)]
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+"""
+    run_client(["nbdsh", "-u", server.uri, "-c", code])
+    after = aheads(msock)
+    assert after["gained"] >= 32, after

@@ -211,7 +211,8 @@ class Connection:
                 raise ClientGone
             parser.commit(n)
 
-        ahead = (ReadAhead(parser, receive, self.shutdown_read, f"conn-{self.number}-reader")
+        ahead = (ReadAhead(parser, receive, self.shutdown_read, f"conn-{self.number}-reader",
+                           stats.read_aheads if stats is not None else None)
                  if writer is not None else None)
         try:
             while True:

@@ -100,6 +100,13 @@ class _Collector:
         yield from self._requests(totals)
         yield CounterMetricFamily("luanbd_writer_batches", "Reply batches sent by a "
                                   "connection's writer thread", value=totals.writer_batches)
+        aheads = CounterMetricFamily(
+            "luanbd_read_aheads", "Big WRITEs by what the reader thread did meanwhile: the next "
+            "request started coming (gained), it did not (missed), not tried (skipped: "
+            "backing off for a client that waits for each reply)", labels=["outcome"])
+        for outcome, n in zip(st.READ_AHEAD_OUTCOMES, totals.read_aheads, strict=True):
+            aheads.add_metric([outcome], n)
+        yield aheads
         polls = poll_counts()
         if polls is not None:
             family = CounterMetricFamily(

@@ -33,8 +33,11 @@ class ReadAhead:
     """The helper thread of one connection (not with TLS: one SSL object, one thread)."""
 
     def __init__(self, parser: RequestParser, receive: Callable[[], None],
-                 shutdown_read: Callable[[], None], name: str) -> None:
+                 shutdown_read: Callable[[], None], name: str,
+                 counts: list[int] | None = None) -> None:
         self._parser = parser
+        #: Big WRITEs by outcome, as stats.READ_AHEAD_OUTCOMES (the connection's stats).
+        self.counts = counts if counts is not None else [0, 0, 0]
         self._receive = receive
         self._shutdown_read = shutdown_read
         self._name = name
@@ -53,14 +56,17 @@ class ReadAhead:
         """Whether to read ahead during this big WRITE (not while backing off)."""
         if self._skip:
             self._skip -= 1
+            self.counts[2] += 1
             return False
         return True
 
     def gained(self) -> None:
         """Called when the WRITE has run: did the next request start coming meanwhile?"""
         if self.arrived:
+            self.counts[0] += 1
             self._misses = self._backoff = 0
             return
+        self.counts[1] += 1
         self._misses += 1
         if self._misses == 2:
             self._misses = 0

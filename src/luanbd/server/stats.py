@@ -37,6 +37,9 @@ HANDSHAKE_OUTCOMES = ("ok", "aborted", "timeout", "tls_failed", "protocol_error"
                       "client_gone", "error")
 #: Why a connection was refused or cut off before transmission.
 REFUSED_REASONS = ("limit", "timeout", "tls_failed")
+#: What the read-ahead did during a big WRITE: the next request started coming meanwhile,
+#: it did not, or the read-ahead was not tried (backing off).
+READ_AHEAD_OUTCOMES = ("gained", "missed", "skipped")
 
 
 def record(cells: array[int], cmd: int, nbytes: int, latency_ns: int) -> None:
@@ -56,7 +59,8 @@ def record(cells: array[int], cmd: int, nbytes: int, latency_ns: int) -> None:
 class ConnStats:
     """One connection's counters: written by its thread, read by the scraper."""
 
-    __slots__ = ("cells", "errors", "export_name", "number", "plugin", "writer_batches")
+    __slots__ = ("cells", "errors", "export_name", "number", "plugin", "read_aheads",
+                 "writer_batches")
 
     def __init__(self, number: int = 0) -> None:
         #: The connection's number (as in its log lines).
@@ -68,6 +72,8 @@ class ConnStats:
         self.export_name = ""
         #: Reply batches handed to the writer thread.
         self.writer_batches = 0
+        #: Big WRITEs by what the read-ahead did (READ_AHEAD_OUTCOMES; server/readahead.py).
+        self.read_aheads = [0, 0, 0]
         #: The connection's own plugin (its Lua state), for its memory; None if shared.
         self.plugin: object | None = None
 
@@ -79,6 +85,7 @@ class Totals:
     cells: dict[str, array[int]] = field(default_factory=dict)
     errors: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     writer_batches: int = 0
+    read_aheads: list[int] = field(default_factory=lambda: [0, 0, 0])
 
     def add(self, conn: ConnStats) -> None:
         """Add a connection's counters (the live ones are read racily: each cell is one
@@ -90,6 +97,8 @@ class Totals:
         for (cmd, code), n in list(conn.errors.items()):
             self.errors[conn.export_name, cmd, code] += n
         self.writer_batches += conn.writer_batches
+        for i, n in enumerate(conn.read_aheads):
+            self.read_aheads[i] += n
 
 
 class ServerStats:
@@ -139,7 +148,7 @@ class ServerStats:
             live = list(self.live)
             t = self.totals
             out = Totals({k: array("Q", v) for k, v in t.cells.items()}, Counter(t.errors),
-                         t.writer_batches)
+                         t.writer_batches, list(t.read_aheads))
             total = self.connections_total
         for conn in live:
             out.add(conn)
