@@ -62,6 +62,10 @@ def request(cmd: int, offset: int, length: int, *, cookie: int) -> bytes:
     return struct.pack(">IHHQQI", 0x25609513, 0, cmd, cookie, offset, length)
 
 
+def send_big_write(c: RawClient, offset: int, *, cookie: int) -> None:
+    c.sock.sendall(request(CMD_WRITE, offset, MiB, cookie=cookie) + os.urandom(MiB))
+
+
 def threads_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -127,8 +131,7 @@ def test_disconnect_in_a_write_does_not_wait_for_a_next_request(
     assert server.sock is not None
     with RawClient(server.sock) as c:
         c.connect_export()
-        payload = os.urandom(MiB)
-        c.sock.sendall(request(CMD_WRITE, 32 * MiB, MiB, cookie=7) + payload)
+        send_big_write(c, 32 * MiB, cookie=7)
         assert c.reply()[:2] == (0, 7)
         # The client sends nothing more: the server closes the connection by itself.
         assert c.closed_by_server(timeout=10)
@@ -140,8 +143,7 @@ def test_a_bad_request_after_a_big_write(start_server: StartServer, tmp_path: Pa
     assert server.sock is not None
     with RawClient(server.sock) as c:
         c.connect_export()
-        payload = os.urandom(MiB)
-        c.sock.sendall(request(CMD_WRITE, 4 * MiB, MiB, cookie=5) + payload)
+        send_big_write(c, 4 * MiB, cookie=5)
         time.sleep(0.2)  # the WRITE runs; the next header comes while it does
         c.sock.sendall(b"\xde\xad" * 14)
         assert c.reply()[:2] == (0, 5)
