@@ -104,18 +104,18 @@ def test_backs_off_while_it_gains_nothing() -> None:
         return n
 
     assert ahead.wanted()
-    ahead.gained()  # one miss: not yet
+    ahead.written()  # one miss: not yet
     assert ahead.wanted()
     skips = []
     for _ in range(9):
-        ahead.gained()
-        ahead.gained()
+        ahead.written()
+        ahead.written()
         skips.append(served_without())
     assert skips == [8, 16, 32, 64, 128, 256, 512, MAX_SKIP, MAX_SKIP]
     # One WRITE during which the next request came resets it.
     ahead.arrived = True
-    ahead.gained()
+    ahead.written()
     ahead.arrived = False
-    ahead.gained()
-    ahead.gained()
+    ahead.written()
+    ahead.written()
     assert served_without() == 8

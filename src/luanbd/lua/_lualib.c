@@ -237,7 +237,10 @@ __attribute__((visibility("default"))) int luanbd_lualib_probe(lua_State *L)
  * destination are the same, and any memcpy leaves the bytes as they are.  Should Lua not
  * ask (a build whose strings differ), the block is given back, the string is made from
  * the zero page as before and the hand-off is not tried again. */
-#define LNGSTR_HEADER 24  /* offsetof(TString, contents) of a 5.4 long string, 64-bit */
+#define LNGSTR_HEADER 24  /* offsetof(TString, contents) of a 5.4 long string, 64-bit, as
+                            lua/pinning.py's CONTENTS_OFFSET (checked here by address) */
+#define MAXSHORTLEN 40    /* LUAI_MAXSHORTLEN: shorter strings are interned, and must be
+                             made from their bytes */
 
 struct handoff {
     lua_Alloc alloc;
@@ -283,7 +286,7 @@ __attribute__((visibility("default"))) int luanbd_blank_string(lua_State *L)
     lua_Integer n = api.optinteger(L, 1, 0);
     if (n < 0 || n > BLANK_MAX || blank == NULL)
         return api.error(L, "blank string of %I bytes: out of range", n);
-    if (n > 40 && handoff_ok && blank_handoff(L, (size_t)n))
+    if (n > MAXSHORTLEN && handoff_ok && blank_handoff(L, (size_t)n))
         return 1;
     api.pushlstring(L, blank, (size_t)n);
     return 1;

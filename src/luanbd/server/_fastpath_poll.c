@@ -6,10 +6,11 @@
  * halted CPU under a hypervisor) and latency; when the client's next request comes within
  * a few tens of microseconds, polling for it (recv MSG_DONTWAIT, yielding the CPU between
  * tries) costs about what the sleep and wake-up would, and saves their latency
- * (bench/README.md has the measurements).  It is bounded three ways:
+ * (bench/README.md has the measurements).  It is bounded four ways:
  *   - loop->poll_ns per wait (LUANBD_POLL_US; 0: never poll);
  *   - per connection thread, polls that found nothing back off: after POLL_MISSES misses in
- *     a row, the next waits sleep at once, twice as many each time, up to MAX_BACKOFF;
+ *     a row, the next waits sleep at once, twice as many each time, up to MAX_BACKOFF (the
+ *     read-ahead of big WRITEs, server/readahead.py, backs off by the same rule);
  *   - at most one polling thread fewer than the CPUs this process may run on, so polling
  *     never takes the last CPU from threads with work (none on one CPU);
  *   - no poll while another connection thread is busy serving: with several clients at

@@ -72,9 +72,9 @@ class Connection:
         self.negotiation: Negotiation | None = None
         #: nbdkit_disconnect was called: the connection ends after the current batch.
         self.closing = False
-        #: The plugin's payload buffer made ahead (_prepare_payload) for the read-ahead to
-        #: receive the next big WRITE into while this one's holds the request lock.
-        self._spare: list[tuple[bytes, memoryview]] = []
+        #: Make the plugin's payload buffer for a next WRITE of this size now, for the
+        #: read-ahead to receive into while this one's holds the request lock (set by
+        #: _payload_buffer when the plugin makes them).
         self._prepare_payload: Callable[[int], None] = lambda size: None
         #: No new requests (ESHUTDOWN): set by nbdkit_disconnect and by server shutdown.
         self.stop = StopFlag()
@@ -242,7 +242,7 @@ class Connection:
                         self._prepare_payload(request.length)
                         ahead.start()
                         out += handle(request)
-                        ahead.gained()
+                        ahead.written()
                         # The reply goes out before waiting: the client may want it before
                         # it sends more.
                         self._send_batch(out, size, writer)
@@ -282,7 +282,8 @@ class Connection:
         ordinary = writable_bytes
         if plugin is None or ordinary is None:
             return ordinary
-        make, lock, spare = plugin.payload_buffer, self.lock, self._spare
+        make, lock = plugin.payload_buffer, self.lock
+        spare: list[tuple[bytes, memoryview]] = []  # at most one, made by prepare()
 
         def payload_buffer(size: int) -> tuple[bytes, memoryview]:
             if spare:

@@ -13,7 +13,8 @@ and :meth:`ReadAhead.result`, by the request loop otherwise.
 A client that waits for each reply before it sends the next request (one request in
 flight) gains nothing from this and pays a thread hand-off per request, so when nothing
 of the next request came while two WRITEs in a row ran, the next 8 big WRITEs are
-served without it (then 16, 32, ... up to MAX_SKIP while it keeps gaining nothing).
+served without it (then 16, 32, ... up to MAX_SKIP while it keeps gaining nothing), as the
+compiled loop's poll backs off.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from collections.abc import Callable
 
 from luanbd.protocol.handshake import NEED_DATA
 from luanbd.protocol.transmission import Request, RequestParser
+from luanbd.server.stats import READ_AHEAD_OUTCOMES
 
+# The back-off, the same rule as the compiled loop's poll (_fastpath_poll.c): after MISSES
+# WRITEs in a row that gained nothing, skip MIN_SKIP, then twice as many each time.
+MISSES = 2
+MIN_SKIP = 8
 #: The most big WRITEs served without reading ahead after it gained nothing.
 MAX_SKIP = 1024
+# Positions in the counts (stats.READ_AHEAD_OUTCOMES).
+GAINED, MISSED, SKIPPED = (READ_AHEAD_OUTCOMES.index(o) for o in ("gained", "missed", "skipped"))
 
 
 class ReadAhead:
@@ -37,7 +45,7 @@ class ReadAhead:
                  counts: list[int] | None = None) -> None:
         self._parser = parser
         #: Big WRITEs by outcome, as stats.READ_AHEAD_OUTCOMES (the connection's stats).
-        self.counts = counts if counts is not None else [0, 0, 0]
+        self.counts = counts if counts is not None else [0] * len(READ_AHEAD_OUTCOMES)
         self._receive = receive
         self._shutdown_read = shutdown_read
         self._name = name
@@ -56,21 +64,21 @@ class ReadAhead:
         """Whether to read ahead during this big WRITE (not while backing off)."""
         if self._skip:
             self._skip -= 1
-            self.counts[2] += 1
+            self.counts[SKIPPED] += 1
             return False
         return True
 
-    def gained(self) -> None:
-        """Called when the WRITE has run: did the next request start coming meanwhile?"""
+    def written(self) -> None:
+        """The WRITE has run: count whether the next request started coming meanwhile."""
         if self.arrived:
-            self.counts[0] += 1
+            self.counts[GAINED] += 1
             self._misses = self._backoff = 0
             return
-        self.counts[1] += 1
+        self.counts[MISSED] += 1
         self._misses += 1
-        if self._misses == 2:
+        if self._misses == MISSES:
             self._misses = 0
-            self._backoff = self._skip = min(max(8, 2 * self._backoff), MAX_SKIP)
+            self._backoff = self._skip = min(max(MIN_SKIP, 2 * self._backoff), MAX_SKIP)
 
     def start(self) -> None:
         """Begin receiving the next request (the loop must not touch the parser now)."""

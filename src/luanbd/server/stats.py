@@ -73,7 +73,7 @@ class ConnStats:
         #: Reply batches handed to the writer thread.
         self.writer_batches = 0
         #: Big WRITEs by what the read-ahead did (READ_AHEAD_OUTCOMES; server/readahead.py).
-        self.read_aheads = [0, 0, 0]
+        self.read_aheads = [0] * len(READ_AHEAD_OUTCOMES)
         #: The connection's own plugin (its Lua state), for its memory; None if shared.
         self.plugin: object | None = None
 
@@ -85,7 +85,7 @@ class Totals:
     cells: dict[str, array[int]] = field(default_factory=dict)
     errors: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     writer_batches: int = 0
-    read_aheads: list[int] = field(default_factory=lambda: [0, 0, 0])
+    read_aheads: list[int] = field(default_factory=lambda: [0] * len(READ_AHEAD_OUTCOMES))
 
     def add(self, conn: ConnStats) -> None:
         """Add a connection's counters (the live ones are read racily: each cell is one
